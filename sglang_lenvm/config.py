@@ -1,0 +1,45 @@
+"""Server-level LenVM settings and how they reach SGLang's processes.
+
+SGLang's `ServerArgs` is sealed (strict argparse), so our flags are parsed by our launcher and
+travel to every spawned SGLang process (scheduler, detokenizer) in one environment variable,
+which child processes inherit. The plugin reads it back with `LenVMConfig.from_env()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional
+
+ENV_VAR = "SGLANG_LENVM_CONFIG"
+DEFAULT_GAMMA = 0.997
+DEFAULT_TOP_K = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class LenVMConfig:
+    lenvm_path: str
+    # None: take `lenvm_gamma` from the checkpoint's config.json, else DEFAULT_GAMMA.
+    gamma: Optional[float] = None
+    # Candidates per step for guided requests that set no top_k of their own.
+    top_k: int = DEFAULT_TOP_K
+    # Largest candidate set a request may ask for (bounds the scratch KV region).
+    max_top_k: int = 64
+
+    def __post_init__(self):
+        if self.gamma is not None and not (0.0 < self.gamma < 1.0 and math.isfinite(self.gamma)):
+            raise ValueError(f"--lenvm-gamma must be in (0, 1), got {self.gamma}")
+        if not 1 <= self.top_k <= self.max_top_k:
+            raise ValueError(f"--lenvm-top-k must be in [1, {self.max_top_k}], got {self.top_k}")
+
+    def to_env(self) -> None:
+        os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> Optional["LenVMConfig"]:
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return None
+        return cls(**json.loads(raw))

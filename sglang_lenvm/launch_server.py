@@ -1,0 +1,123 @@
+"""`python -m sglang_lenvm.launch_server`: SGLang's server with a co-located LenVM.
+
+Takes every `sglang.launch_server` argument plus:
+  --lenvm-path PATH     LenVM checkpoint (published layout: backbone + value head)
+  --lenvm-gamma G       discount factor (default: `lenvm_gamma` in its config.json, else 0.997)
+  --lenvm-top-k K       candidates per step when a guided request sets no top_k (default 15)
+Without --model-path (and --lenvm-path) it serves the embedded demo pair.
+On a machine without a GPU it adds CPU defaults (--device cpu, float32, a bounded KV cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from sglang_lenvm.config import DEFAULT_GAMMA, DEFAULT_TOP_K, LenVMConfig
+
+logger = logging.getLogger(__name__)
+
+CPU_MAX_TOTAL_TOKENS = 65536
+
+
+def _our_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("LenVM (sglang-lenvm)")
+    g.add_argument("--lenvm-path", default=None, help="LenVM checkpoint directory")
+    g.add_argument("--lenvm-gamma", type=float, default=None,
+                   help=f"discount factor (default: lenvm_gamma in the checkpoint, else {DEFAULT_GAMMA})")
+    g.add_argument("--lenvm-top-k", type=int, default=DEFAULT_TOP_K,
+                   help="candidates per step for guided requests without their own top_k")
+    return p
+
+
+def _has_flag(argv: List[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _flag_value(argv: List[str], flag: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def cpu_defaults(argv: List[str]) -> List[str]:
+    """SGLang on a CPU-only machine: torch_native attention, float32, a bounded KV cache."""
+    import torch
+
+    if torch.cuda.is_available():
+        return argv
+    extra = []
+    if not _has_flag(argv, "--device"):
+        extra += ["--device", "cpu"]
+    if not _has_flag(argv, "--dtype"):
+        extra += ["--dtype", "float32"]
+    if not _has_flag(argv, "--max-total-tokens") and not _has_flag(argv, "--mem-fraction-static"):
+        # Unbounded, SGLang sizes the KV cache from free host memory (15 GB for a tiny model).
+        extra += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
+    return argv + extra
+
+
+def prepare(argv: List[str]):
+    """Parse our flags, validate the LenVM, publish the config; returns SGLang's args list."""
+    from sglang_lenvm.checkpoint import check_same_tokenizer, inspect_checkpoint
+
+    ours, rest = _our_parser().parse_known_args(argv)
+    if not _has_flag(rest, "--model-path") and ours.lenvm_path is None:
+        from sglang_lenvm.demo import materialize_demo
+
+        base, lenvm = materialize_demo()
+        rest = ["--model-path", base] + rest
+        ours.lenvm_path = lenvm
+    rest = cpu_defaults(rest)
+    config = None
+    if ours.lenvm_path is not None:
+        ckpt = inspect_checkpoint(ours.lenvm_path)
+        base = _flag_value(rest, "--tokenizer-path") or _flag_value(rest, "--model-path")
+        if base is not None:
+            check_same_tokenizer(base, ours.lenvm_path)
+        gamma = ours.lenvm_gamma if ours.lenvm_gamma is not None else (ckpt.gamma or DEFAULT_GAMMA)
+        config = LenVMConfig(lenvm_path=os.path.abspath(ours.lenvm_path), gamma=gamma,
+                             top_k=ours.lenvm_top_k)
+        config.to_env()
+    else:
+        os.environ.pop("SGLANG_LENVM_CONFIG", None)
+    return config, rest
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _our_parser().print_help()
+        print("\nAll other arguments are sglang.launch_server's:\n")
+    from sglang_lenvm.checkpoint import LenVMCheckpointError
+
+    try:
+        config, rest = prepare(argv)
+    except (LenVMCheckpointError, ValueError) as e:
+        sys.exit(f"sglang-lenvm: {e}")
+
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    load_plugins()
+    server_args = prepare_server_args(rest)
+    from sglang_lenvm import api
+
+    api.install(config)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

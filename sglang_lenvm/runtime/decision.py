@@ -1,0 +1,130 @@
+"""Candidate selection and the per-request length decision, batched in plain torch.
+
+This is the CPU path and the reference the Triton kernels are tested against. Shapes: B rows
+(guided requests), V vocabulary, K candidate slots per row (the largest candidate count in the
+batch; shorter rows have invalid slots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass
+class Candidates:
+    ids: torch.Tensor  # [B, K] int64 token ids, sorted by base probability (descending)
+    base_prob: torch.Tensor  # [B, K] float32 base probability (after temperature, full vocab)
+    valid: torch.Tensor  # [B, K] bool: inside the row's top-k / top-p / min-p truncation
+
+
+def mask_stop_tokens(logits: torch.Tensor, stop_ids: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: -inf on the stop ids ([B, S], -1 padded) of the rows where `rows` is True.
+
+    Rows where that would leave no finite logit (e.g. a grammar that only allows EOS) are left
+    alone: ending is then the only legal continuation.
+    """
+    ids = stop_ids.clamp_min(0)
+    hit = (stop_ids >= 0) & rows[:, None]
+    if not bool(hit.any()):
+        return
+    masked = logits.clone()
+    masked.scatter_(1, ids, torch.where(hit, NEG_INF, masked.gather(1, ids)))
+    still_finite = torch.isfinite(masked).any(dim=1, keepdim=True)
+    logits.copy_(torch.where(still_finite, masked, logits))
+
+
+def select_candidates(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor, min_p: torch.Tensor, k_max: int) -> Candidates:
+    """Top-k / top-p / min-p truncation of softmax(logits / temperature), K = k_max slots.
+
+    top_k [B] is each row's candidate count (<= k_max); top_p / min_p [B] as in SGLang's
+    sampler: keep a token while the probability mass before it is < top_p, and while its
+    probability is >= min_p * max probability. The most likely token is always kept.
+    """
+    probs = torch.softmax(logits.float() / temperature.float().view(-1, 1), dim=-1)
+    k = min(k_max, logits.shape[-1])
+    base, ids = torch.topk(probs, k, dim=-1)
+    rank = torch.arange(k, device=logits.device).view(1, -1)
+    mass_before = torch.cumsum(base, dim=-1) - base
+    valid = (rank < top_k.view(-1, 1))
+    valid &= mass_before < top_p.float().view(-1, 1)
+    valid &= base >= base[:, :1] * min_p.float().view(-1, 1)
+    valid &= base > 0  # grammar-masked (-inf) logits are never candidates
+    valid[:, 0] |= base[:, 0] > 0
+    return Candidates(ids=ids, base_prob=base, valid=valid)
+
+
+def force_stop_value(p: torch.Tensor, ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """p = 0 for candidates that are stop tokens of their row (EOS ends the generation)."""
+    is_stop = (ids.unsqueeze(-1) == stop_ids.unsqueeze(1)).any(-1)  # [B, K]
+    return torch.where(is_stop, torch.zeros_like(p), p)
+
+
+def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """l = ln(1 - p) / ln(gamma), p clamped below 1 (float32-safe)."""
+    eps = torch.finfo(torch.float32).eps
+    return torch.log1p(-p.float().clamp(0.0, 1.0 - eps)) / math.log(gamma)
+
+
+def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: torch.Tensor,
+           generated: torch.Tensor, beta: torch.Tensor, greedy: torch.Tensor,
+           gamma: float) -> torch.Tensor:
+    """The distribution to sample the next token from, over the K candidate slots: q [B, K].
+
+    p [B, K] are the LenVM values of prefix + candidate (stop tokens already 0). With
+    r = max(target - generated - 1, 0) the budget left after this token and l(x) the predicted
+    remaining length:
+      equal:    one-hot on argmin |l(x) - r| (ties: higher base probability);
+      at_most:  base restricted to l(x) <= r (none: one-hot argmin l);
+      at_least: base restricted to l(x) >= r (none: one-hot argmax l);
+      none:     base over all candidates.
+    then q ~ q * exp(beta * p) (exponential tilting) for the sampling modes, and greedy rows
+    take the argmax of q.
+    """
+    valid = cand.valid
+    length = remaining_length(p, gamma)
+    r = (target - generated - 1).clamp_min(0).float().view(-1, 1)
+    inf = torch.full_like(length, float("inf"))
+    mode = mode.view(-1, 1)
+
+    # Deterministic choices: equal always, at_most / at_least when nothing is admissible.
+    dist = torch.where(valid, (length - r).abs(), inf)
+    admissible = torch.where(mode == MODE_AT_MOST, length <= r,
+                             torch.where(mode == MODE_AT_LEAST, length >= r, torch.ones_like(valid)))
+    admissible &= valid
+    none_ok = ~admissible.any(dim=1, keepdim=True)
+    fallback = torch.where(mode == MODE_AT_MOST, torch.where(valid, length, inf),
+                           torch.where(valid, -length, inf))
+    deterministic = (mode == MODE_EQUAL) | ((mode != 0) & none_ok)
+    pick_score = torch.where(mode == MODE_EQUAL, dist, fallback)
+    # argmin returns the first minimum: slots are sorted by base probability, so ties go to
+    # the more likely token.
+    one_hot = torch.nn.functional.one_hot(pick_score.argmin(dim=1), valid.shape[1]).bool()
+
+    # Sampling choices: base probabilities over the admissible set, tilted by exp(beta * p).
+    logq = torch.log(cand.base_prob.clamp_min(1e-30)) + beta.view(-1, 1) * p.float()
+    logq = torch.where(admissible, logq, torch.full_like(logq, NEG_INF))
+    q = torch.softmax(logq, dim=1)
+    q = torch.where(deterministic, one_hot.float(), q)
+    greedy_pick = torch.nn.functional.one_hot(q.argmax(dim=1), q.shape[1]).float()
+    return torch.where(greedy.view(-1, 1), greedy_pick, q)
+
+
+def distribution_to_logits(q: torch.Tensor, ids: torch.Tensor, vocab: int,
+                           temperature: torch.Tensor) -> torch.Tensor:
+    """Logits over the vocabulary that make SGLang's sampler draw from q.
+
+    The sampler divides by the row's temperature before its softmax, so we pre-multiply.
+    Tokens outside the candidate set (or with q = 0) get -inf.
+    """
+    out = torch.full((q.shape[0], vocab), NEG_INF, dtype=torch.float32, device=q.device)
+    logq = torch.where(q > 0, torch.log(q.clamp_min(1e-30)), torch.full_like(q, NEG_INF))
+    out.scatter_(1, ids, logq * temperature.float().view(-1, 1))
+    return out

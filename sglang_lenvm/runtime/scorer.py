@@ -1,0 +1,162 @@
+"""One guided sampling step for the whole batch: candidates -> star forward -> decision.
+
+Called from the base model's sampling path after SGLang's own logit processing (logit bias,
+grammar mask, penalties), so candidates respect all of them. The decision is handed back to
+SGLang's sampler as logits: -inf outside the chosen distribution, log-probabilities times the
+row's temperature inside it (the sampler divides by the temperature again), with the row's
+top-k/top-p/min-p neutralized because the truncation already happened here. Rows that do not
+steer are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from sglang_lenvm.runtime.decision import (
+    Candidates,
+    decide,
+    distribution_to_logits,
+    force_stop_value,
+    mask_stop_tokens,
+    select_candidates,
+)
+from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, LengthState
+from sglang_lenvm.runtime.outputs import LenVMDeviceOutput
+from sglang_lenvm.runtime.star_attention import StarMeta
+from sglang_lenvm.runtime.worker import LenVMWorker
+
+logger = logging.getLogger(__name__)
+
+TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary"
+
+
+def _with_stop_candidate(cand: Candidates, probs_of, stop_id: torch.Tensor,
+                         rows: torch.Tensor) -> Candidates:
+    """Append each row's first stop token as one more candidate where `rows` (at_most rows).
+
+    At the last token of an at_most budget only a stop token is admissible, and it must be
+    there even when truncation dropped it. It is invalid where already present or impossible.
+    """
+    present = (cand.ids == stop_id.view(-1, 1)) & cand.valid
+    ids = torch.cat([cand.ids, stop_id.clamp_min(0).view(-1, 1)], dim=1)
+    prob = probs_of(stop_id.clamp_min(0))
+    ok = rows & (stop_id >= 0) & ~present.any(1) & (prob > 0)
+    return Candidates(ids=ids, base_prob=torch.cat([cand.base_prob, prob.view(-1, 1)], dim=1),
+                      valid=torch.cat([cand.valid, ok.view(-1, 1)], dim=1))
+
+
+def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch) -> None:
+    state: Optional[LengthState] = getattr(sampling_info, "lenvm_state", None)
+    if state is None or not state.any_active:
+        return
+    mode = forward_batch.forward_mode
+    is_decode = mode.is_decode()
+    if not (is_decode or mode.is_extend()):
+        return
+    logits = logits_output.next_token_logits
+    device = logits.device
+    active_rows = [i for i, a in enumerate(state.active) if a]
+    rows = torch.tensor(active_rows, dtype=torch.int64).to(device, non_blocking=True)
+    st = state.rows(rows)
+    seq_lens = forward_batch.seq_lens[rows]
+    generated = seq_lens - st.prompt_len  # tokens generated before this step's token
+    K = state.num_candidates
+    B = len(active_rows)
+
+    cand = None
+    steer = torch.tensor([state.steer[i] for i in active_rows], dtype=torch.bool).to(
+        device, non_blocking=True)
+    if K > 0:
+        row_logits = logits[rows].float()
+        at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
+        mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
+        temps = sampling_info.temperatures.view(-1)[rows]
+        cand = select_candidates(row_logits, temps, st.top_k, sampling_info.top_ps[rows],
+                                 sampling_info.min_ps[rows], K)
+        cand.valid &= steer.view(-1, 1)
+        cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
+        at_most = (st.mode == MODE_AT_MOST) & steer
+        if bool(at_most.any()):
+            probs = torch.softmax(row_logits / temps.view(-1, 1), dim=-1)
+            cand = _with_stop_candidate(
+                cand, lambda ids: probs.gather(1, ids.view(-1, 1)).view(-1), st.stop_ids[:, 0],
+                at_most)
+        K = cand.ids.shape[1]
+
+    # The star trees: [root] + candidates. Decode roots are the step's input tokens, written
+    # to their own KV slots (the mirror); prefill rows were mirrored after the base forward.
+    R = 1 if is_decode else 0
+    T = R + K
+    if T == 0:
+        p_state = torch.sigmoid(forward_batch.lenvm_last_z[rows])
+        p_cand = None
+    else:
+        parts, pos = [], []
+        prefix = seq_lens - R
+        if R:
+            parts.append(forward_batch.input_ids[rows].view(-1, 1))
+            pos.append(prefix.view(-1, 1))
+        if K:
+            parts.append(cand.ids)
+            pos.append((prefix + R).view(-1, 1).expand(B, K))
+        meta = StarMeta(
+            req_pool_indices=forward_batch.req_pool_indices[rows],
+            prefix_lens=prefix,
+            max_prefix_len=_host_max(forward_batch, active_rows, R),
+            tree_size=T,
+            has_root=bool(R),
+            root_slots=forward_batch.out_cache_loc[rows] if R else None,
+        )
+        p = torch.sigmoid(worker.star(torch.cat(parts, 1), torch.cat(pos, 1), meta))
+        p_state = p[:, 0] if R else torch.sigmoid(forward_batch.lenvm_last_z[rows])
+        p_cand = p[:, R:] if K else None
+
+    ok = torch.isfinite(p_state)
+    if p_cand is not None:
+        p_cand = force_stop_value(p_cand, cand.ids, st.stop_ids)
+        finite = torch.where(cand.valid, torch.isfinite(p_cand), torch.ones_like(cand.valid))
+        ok = ok & finite.all(1)
+        p_cand = torch.nan_to_num(p_cand, nan=0.0)
+        q = decide(cand, p_cand, mode=st.mode, target=st.target, generated=generated,
+                   beta=st.beta, greedy=st.greedy, gamma=worker.gamma)
+        temps = sampling_info.temperatures.view(-1)[rows]
+        new = distribution_to_logits(q, cand.ids, logits.shape[1], temps).to(logits.dtype)
+        use = steer & ok
+        logits[rows] = torch.where(use.view(-1, 1), new, logits[rows])
+        _neutralize_truncation(sampling_info, rows, use & ~st.greedy)
+
+    forward_batch.lenvm_output = LenVMDeviceOutput(
+        batch_rows=active_rows,
+        want_values=[state.want_values[i] for i in active_rows],
+        p_state=p_state.float(),
+        ok=ok,
+        gamma=worker.gamma,
+    )
+
+
+def _host_max(forward_batch, active_rows, R: int) -> int:
+    """Largest KV prefix among the rows, from the host copy of seq_lens (no device sync)."""
+    seq_lens_cpu = forward_batch.seq_lens_cpu
+    if seq_lens_cpu is None:
+        return int(forward_batch.seq_lens.max()) - R
+    return int(seq_lens_cpu[active_rows].max()) - R
+
+
+def _neutralize_truncation(sampling_info, rows: torch.Tensor, mask: torch.Tensor) -> None:
+    """The sampler must draw from our distribution as is: no second top-k/top-p/min-p.
+
+    `sampling_info` is the forward's own copy; its tensors are shared with the scheduler's,
+    so they are replaced, never written in place.
+    """
+    full = torch.zeros_like(sampling_info.top_ps, dtype=torch.bool)
+    full[rows] = mask
+    sampling_info.top_ps = torch.where(full, torch.ones_like(sampling_info.top_ps),
+                                       sampling_info.top_ps)
+    sampling_info.min_ps = torch.where(full, torch.zeros_like(sampling_info.min_ps),
+                                       sampling_info.min_ps)
+    sampling_info.top_ks = torch.where(full, torch.full_like(sampling_info.top_ks, TOP_K_ALL),
+                                       sampling_info.top_ks)
+    sampling_info.max_top_k = None

@@ -1,0 +1,96 @@
+"""Star-tree attention: score every candidate next token of every request in one forward.
+
+Per request the tree is [root] + K candidates (the root only in decode steps). The root is the
+request's last input token at position P (P = tokens already in the LenVM KV cache); it sees the
+cached prefix and itself, and its K/V is written to the request's own KV slot, which keeps the
+LenVM cache a mirror of the base model's. Candidate j sits at the next position and sees the
+prefix, the root and itself only; its K/V is never written anywhere (the chosen token becomes
+next step's root).
+
+`star_attention_torch` is the CPU implementation and the reference for the Triton kernel in
+`sglang_lenvm.kernels.star_attention`; `StarAttentionBackend` plugs either into SGLang's
+`RadixAttention` layers through a ForwardContext of our own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+
+@dataclasses.dataclass
+class StarMeta:
+    req_pool_indices: torch.Tensor  # [B]
+    prefix_lens: torch.Tensor  # [B] tokens already in the KV cache before the tree
+    max_prefix_len: int  # host-side max of prefix_lens
+    tree_size: int  # T = has_root + K
+    has_root: bool
+    root_slots: Optional[torch.Tensor]  # [B] KV slots the roots are written to (decode)
+
+
+def star_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         req_to_token: torch.Tensor, meta: StarMeta,
+                         scale: float) -> torch.Tensor:
+    """q [B*T, Hq, D], k/v [B*T, Hkv, D]; caches [slots, Hkv, D]. Returns [B*T, Hq, Dv]."""
+    B, T = meta.prefix_lens.shape[0], meta.tree_size
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    P = meta.max_prefix_len
+    idx = req_to_token[meta.req_pool_indices, :P].long()  # [B, P]
+    pk = k_cache[idx].to(q.dtype)  # [B, P, Hkv, D]
+    pv = v_cache[idx].to(q.dtype)
+    keys = torch.cat([pk, k.view(B, T, hkv, d)], dim=1).transpose(1, 2)  # [B, Hkv, P+T, D]
+    vals = torch.cat([pv, v.view(B, T, hkv, v.shape[-1])], dim=1).transpose(1, 2)
+    prefix_ok = torch.arange(P, device=q.device).view(1, 1, P) < meta.prefix_lens.view(B, 1, 1)
+    tree = torch.eye(T, dtype=torch.bool, device=q.device)
+    if meta.has_root:
+        tree[:, 0] = True
+    mask = torch.cat([prefix_ok.expand(B, T, P), tree.expand(B, T, T)], dim=2)  # [B, T, P+T]
+    out = scaled_dot_product_attention(
+        q.view(B, T, hq, d).transpose(1, 2), keys, vals, attn_mask=mask.unsqueeze(1),
+        scale=scale, enable_gqa=hq != hkv,
+    )
+    return out.transpose(1, 2).reshape(B * T, hq, vals.shape[-1])
+
+
+class StarAttentionBackend(AttentionBackend):
+    """Attention backend for the LenVM's star-tree forwards (set `meta` before each forward)."""
+
+    def __init__(self, token_to_kv_pool, req_to_token_pool, use_triton: bool = False):
+        super().__init__()
+        self.token_to_kv_pool = token_to_kv_pool
+        self.req_to_token_pool = req_to_token_pool
+        self.meta: Optional[StarMeta] = None
+        self.kernel = None
+        if use_triton:
+            from sglang_lenvm.kernels.star_attention import star_attention_triton
+
+            self.kernel = star_attention_triton
+
+    def init_forward_metadata(self, forward_batch):
+        pass
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        meta = self.meta
+        B, T = meta.prefix_lens.shape[0], meta.tree_size
+        k = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
+        v = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
+        if meta.has_root:
+            root = torch.arange(B, device=k.device) * T
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(meta.root_slots, None), k[root], v[root])
+        q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        fn = self.kernel or star_attention_torch
+        o = fn(q, k, v, k_cache, v_cache, self.req_to_token_pool.req_to_token, meta, layer.scaling)
+        return o.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+
+    forward_decode = forward_extend

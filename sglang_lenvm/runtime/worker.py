@@ -1,0 +1,160 @@
+"""The co-located LenVM: a second SGLang ModelRunner in the scheduler process.
+
+Built the way SGLang builds its STANDALONE/EAGLE draft model: a `ModelRunner` with
+`is_draft_worker=True`, sharing the base model's `req_to_token_pool` and token-slot allocator,
+with a KV pool of its own of the same size. Every slot the base model writes for a LenVM
+request, the LenVM writes too (in the same step), so its cache mirrors the radix cache slot for
+slot and a prefix hit is a LenVM hit as well.
+
+Two kinds of LenVM forward, both run here:
+- `mirror_extend`: after a base-model prefill (EXTEND) forward, the same tokens into the same
+  slots, reusing the base model's ForwardBatch and SGLang's stock attention backend.
+- `star`: one forward over all guided requests' star trees (see star_attention.py), which in
+  decode steps also writes the root token's KV, i.e. does the mirror for decode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from sglang_lenvm.checkpoint import inspect_checkpoint
+from sglang_lenvm.config import DEFAULT_GAMMA, LenVMConfig
+from sglang_lenvm.runtime.star_attention import StarAttentionBackend, StarMeta
+
+logger = logging.getLogger(__name__)
+
+
+class LenVMWorker:
+    def __init__(self, config: LenVMConfig, scheduler):
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.model_executor.model_runner import ModelRunner
+
+        self.config = config
+        ckpt = inspect_checkpoint(config.lenvm_path)
+        self.gamma = config.gamma if config.gamma is not None else (ckpt.gamma or DEFAULT_GAMMA)
+        target = scheduler.tp_worker.model_runner
+        self.target = target
+        server_args = scheduler.server_args
+        self.model_config = ModelConfig(
+            model_path=config.lenvm_path,
+            model_override_args=json.dumps({"architectures": [ckpt.lenvm_architecture]}),
+            is_draft_model=True,
+            dtype=server_args.dtype,
+            context_length=target.model_config.context_len,
+            trust_remote_code=server_args.trust_remote_code,
+        )
+        tic = time.perf_counter()
+        self.runner = ModelRunner(
+            model_config=self.model_config,
+            mem_fraction_static=target.mem_fraction_static,
+            gpu_id=target.gpu_id,
+            nccl_port=scheduler.nccl_port,
+            server_args=server_args,
+            is_draft_worker=True,
+            draft_attention_backend="torch_native" if target.device == "cpu" else None,
+        )
+        self.model = self.runner.model
+        self.device = target.device
+        self.star_backend: Optional[StarAttentionBackend] = None
+        # Counters for /lenvm/stats (host ints: no device sync to maintain them).
+        self.stats = {"mirror_extend_tokens": 0, "mirror_extend_forwards": 0,
+                      "star_forwards": 0, "star_rows": 0, "candidates_scored": 0}
+        logger.info("LenVM %s loaded in %.2fs (gamma=%s)", config.lenvm_path,
+                    time.perf_counter() - tic, self.gamma)
+
+    # ---- construction steps, called from the scheduler's init hooks ----
+
+    def kv_bytes_per_token(self) -> int:
+        mc = self.model_config
+        itemsize = torch.empty((), dtype=self.runner.kv_cache_dtype).element_size()
+        return 2 * mc.num_hidden_layers * mc.get_num_kv_heads(1) * mc.head_dim * itemsize
+
+    def attach_pools(self):
+        """Share the base model's slot table and allocator; own a KV pool of the same size."""
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+        t, r, mc = self.target, self.runner, self.model_config
+        if t.page_size != 1:
+            raise ValueError("sglang-lenvm supports --page-size 1 only")
+        r.req_to_token_pool = t.req_to_token_pool
+        r.token_to_kv_pool_allocator = t.token_to_kv_pool_allocator
+        r.max_total_num_tokens = t.max_total_num_tokens
+        r.max_running_requests = t.max_running_requests
+        r.memory_pool_config = t.memory_pool_config
+        r.token_to_kv_pool = MHATokenToKVPool(
+            t.max_total_num_tokens,
+            page_size=t.page_size,
+            dtype=r.kv_cache_dtype,
+            head_num=mc.get_num_kv_heads(1),
+            head_dim=mc.head_dim,
+            layer_num=mc.num_hidden_layers,
+            device=self.device,
+            enable_memory_saver=False,
+            start_layer=0,
+            end_layer=mc.num_hidden_layers,
+        )
+        r._init_post_memory_pool_components()
+        logger.info("LenVM KV pool: %d tokens, %.1f MB", t.max_total_num_tokens,
+                    t.max_total_num_tokens * self.kv_bytes_per_token() / 2**20)
+
+    def init_attention(self):
+        self.runner.init_attention_backends()
+        use_triton = self.device != "cpu"
+        self.star_backend = StarAttentionBackend(
+            self.runner.token_to_kv_pool, self.runner.req_to_token_pool, use_triton=use_triton)
+
+    # ---- forwards ----
+
+    @torch.no_grad()
+    def mirror_extend(self, forward_batch) -> torch.Tensor:
+        """Run the base model's prefill batch through the LenVM into the same KV slots.
+
+        Returns the raw value z at each request's last new token ([batch_size], float32).
+        """
+        import copy
+
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+        fb = copy.copy(forward_batch)
+        backend = self.runner.attn_backend
+        with forward_context(ForwardContext(attn_backend=backend), forward_batch=fb):
+            backend.init_forward_metadata(fb)
+            hidden = self.model.hidden_states(fb.input_ids, fb.positions, fb)
+        last = torch.cumsum(fb.extend_seq_lens, 0) - 1
+        self.stats["mirror_extend_forwards"] += 1
+        self.stats["mirror_extend_tokens"] += int(fb.input_ids.shape[0])
+        return self.model.v_head(hidden[last])
+
+    @torch.no_grad()
+    def star(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta) -> torch.Tensor:
+        """One LenVM forward over B star trees of T tokens each: raw values z [B, T]."""
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+        B, T = tokens.shape
+        flat = tokens.reshape(-1)
+        fb = ForwardBatch(
+            forward_mode=ForwardMode.EXTEND,
+            batch_size=B,
+            input_ids=flat,
+            req_pool_indices=meta.req_pool_indices,
+            seq_lens=meta.prefix_lens + T,
+            out_cache_loc=meta.root_slots if meta.root_slots is not None else flat,
+            seq_lens_sum=0,
+            positions=positions.reshape(-1),
+        )
+        self.star_backend.meta = meta
+        try:
+            with forward_context(ForwardContext(attn_backend=self.star_backend)):
+                hidden = self.model.hidden_states(flat, fb.positions, fb)
+        finally:
+            self.star_backend.meta = None
+        self.stats["star_forwards"] += 1
+        self.stats["star_rows"] += B
+        self.stats["candidates_scored"] += B * (T - int(meta.has_root))
+        return self.model.v_head(hidden).view(B, T)

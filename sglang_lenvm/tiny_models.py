@@ -1,0 +1,166 @@
+"""Tiny random models and a locally trained tokenizer, built on the fly (no model hub needed).
+
+Tests, benchmark smoke runs and examples use these: a base LM and LenVM checkpoints in the
+published layout (backbone `save_pretrained` + `value_head.safetensors`, or `v_head.*` tensors
+inside the shards), all sharing one tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _training_corpus() -> list[str]:
+    """Deterministic English text from the standard library's own docstrings."""
+    import collections
+    import json as json_mod
+    import string
+    import textwrap
+
+    texts = []
+    for mod in (string, textwrap, collections, json_mod, os.path):
+        texts.append(mod.__doc__ or "")
+        for name in dir(mod):
+            doc = getattr(getattr(mod, name), "__doc__", None)
+            if isinstance(doc, str):
+                texts.append(doc)
+    texts += [
+        "The capital of France is Paris. Count from one to ten: 1 2 3 4 5 6 7 8 9 10.",
+        "Please answer the question in a few words. Write a long story about a dragon.",
+    ]
+    return [t for t in texts if t.strip()]
+
+
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer with a ChatML template and save it to `out_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def _config(arch: str, vocab_size: int, eos_id: int, pad_id: int, hidden: int, layers: int,
+            heads: int, kv_heads: int, max_pos: int, tie: bool):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-6,
+        torch_dtype="float32",
+    )
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=hidden // heads, **common)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def build_causal_lm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
+                    arch: str = "qwen2", hidden: int = 64, layers: int = 2, heads: int = 4,
+                    kv_heads: int = 2, max_pos: int = 4096, tie: bool = False, seed: int = 0):
+    """A random causal LM saved with `save_pretrained`, plus the tokenizer files beside it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = _config(arch, len(tok), eos_id, tok.pad_token_id, hidden, layers, heads, kv_heads,
+                  max_pos, tie)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init with std 0.02 gives near-uniform logits; widen it so greedy decoding
+    # has clear winners and sampled lengths vary.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    return model
+
+
+def random_value_head(hidden: int, seed: int = 1, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "v_head.fc.weight": torch.randn(hidden, hidden, generator=g) * scale,
+        "v_head.fc.bias": torch.randn(hidden, generator=g) * scale,
+        "v_head.summary.weight": torch.randn(1, hidden, generator=g) * scale,
+        "v_head.summary.bias": torch.randn(1, generator=g) * scale,
+    }
+
+
+def build_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
+                head_placement: str = "file", arch: str = "qwen2",
+                head: Optional[dict[str, torch.Tensor]] = None, gamma: Optional[float] = None,
+                **model_kwargs):
+    """A LenVM checkpoint in the published layout.
+
+    head_placement="file": backbone checkpoint + `value_head.safetensors` beside it.
+    head_placement="shards": `v_head.*` tensors stored inside the backbone's own shards.
+    head_placement="none": backbone only (must be refused when loaded as a LenVM).
+    """
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    model = build_causal_lm(out_dir, tokenizer_dir, arch=arch, **model_kwargs)
+    hidden = model.config.hidden_size
+    head = head if head is not None else random_value_head(hidden)
+    if head_placement == "file":
+        save_file({k: v.contiguous() for k, v in head.items()},
+                  str(out_dir / "value_head.safetensors"))
+    elif head_placement == "shards":
+        shard = out_dir / "model.safetensors"
+        tensors = load_file(str(shard))
+        tensors.update({k: v.contiguous() for k, v in head.items()})
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    elif head_placement != "none":
+        raise ValueError(f"unknown head_placement {head_placement!r}")
+    if gamma is not None:
+        cfg_path = out_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["lenvm_gamma"] = gamma
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out_dir
