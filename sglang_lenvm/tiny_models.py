@@ -71,6 +71,87 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512):
     return fast
 
 
+def build_char_tokenizer(out_dir: str | os.PathLike, n_chars: int = 45):
+    """A character-level tokenizer with a tiny vocabulary: 3 specials + `n_chars` letters.
+
+    A byte-level BPE with no merges, so every letter is one token (and transformers' Qwen2 /
+    Llama tokenizer classes, which rebuild the pipeline from vocab + merges, agree with it).
+    With a vocabulary this small a request's top_k can cover every token, which makes exact
+    tests of the decision rules possible. Token id i + 3 is the i-th letter of CHARS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = CHARS[:n_chars]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + list(chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def claimed_remaining(token_id: int, eos_id: int) -> int:
+    """The oracle LenVM's claim: after the i-th letter (id i + 3) exactly i + 1 tokens remain."""
+    return 0 if token_id == eos_id else (token_id - 2 if token_id >= 3 else 60)
+
+
+def build_oracle_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
+                       gamma: float = 0.9, head_placement: str = "shards"):
+    """A LenVM whose value is a known function of the prefix: of its last token only.
+
+    The backbone's attention and MLP outputs are zeroed (o_proj, down_proj = 0), so the final
+    hidden state is the normalized embedding of the current token; embeddings are one-hot, and
+    the head maps one-hot(i) to z = logit(1 - gamma^c(i)) with c = `claimed_remaining`. So
+    after a token claiming c, the LenVM predicts exactly c remaining tokens.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = len(tok)
+    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+    hidden = max(64, vocab)
+    head = {}
+    build_lenvm(out_dir, tokenizer_dir, head_placement="none", hidden=hidden, layers=2, heads=4,
+                kv_heads=2, gamma=gamma)
+    from safetensors.torch import load_file, save_file
+
+    shard = Path(out_dir) / "model.safetensors"
+    w = load_file(str(shard))
+    for name in list(w):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name] = torch.zeros_like(w[name])
+    emb = torch.zeros(vocab, hidden)
+    emb[torch.arange(vocab), torch.arange(vocab)] = 1.0
+    w["model.embed_tokens.weight"] = emb
+    # RMSNorm(one_hot) = sqrt(hidden) * one_hot; fc = identity, so silu(sqrt(H)) on one unit.
+    act = torch.nn.functional.silu(torch.tensor(float(hidden) ** 0.5))
+    p = torch.tensor([1.0 - gamma ** claimed_remaining(i, eos_id) for i in range(vocab)],
+                     dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    z = torch.log(p / (1 - p)).float()
+    summary = torch.zeros(1, hidden)
+    summary[0, :vocab] = z / act
+    head = {
+        "v_head.fc.weight": torch.eye(hidden),
+        "v_head.fc.bias": torch.zeros(hidden),
+        "v_head.summary.weight": summary,
+        "v_head.summary.bias": torch.zeros(1),
+    }
+    if head_placement == "shards":
+        w.update(head)
+    else:
+        save_file(head, str(Path(out_dir) / "value_head.safetensors"))
+    save_file({k: v.contiguous() for k, v in w.items()}, str(shard), metadata={"format": "pt"})
+    return Path(out_dir)
+
+
 def _config(arch: str, vocab_size: int, eos_id: int, pad_id: int, hidden: int, layers: int,
             heads: int, kv_heads: int, max_pos: int, tie: bool):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config

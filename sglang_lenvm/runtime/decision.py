@@ -84,6 +84,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
       equal:    one-hot on argmin |l(x) - r| (ties: higher base probability);
       at_most:  base restricted to l(x) <= r (none: one-hot argmin l);
       at_least: base restricted to l(x) >= r (none: one-hot argmax l);
+    (l is compared after rounding to the nearest token: l < r + 1/2, l > r - 1/2)
       none:     base over all candidates.
     then q ~ q * exp(beta * p) (exponential tilting) for the sampling modes, and greedy rows
     take the argmax of q.
@@ -96,8 +97,10 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
 
     # Deterministic choices: equal always, at_most / at_least when nothing is admissible.
     dist = torch.where(valid, (length - r).abs(), inf)
-    admissible = torch.where(mode == MODE_AT_MOST, length <= r,
-                             torch.where(mode == MODE_AT_LEAST, length >= r, torch.ones_like(valid)))
+    # A predicted length fits the budget when it rounds to at most (at least) r tokens.
+    admissible = torch.where(mode == MODE_AT_MOST, length < r + 0.5,
+                             torch.where(mode == MODE_AT_LEAST, length > r - 0.5,
+                                         torch.ones_like(valid)))
     admissible &= valid
     none_ok = ~admissible.any(dim=1, keepdim=True)
     fallback = torch.where(mode == MODE_AT_MOST, torch.where(valid, length, inf),
@@ -122,9 +125,11 @@ def distribution_to_logits(q: torch.Tensor, ids: torch.Tensor, vocab: int,
     """Logits over the vocabulary that make SGLang's sampler draw from q.
 
     The sampler divides by the row's temperature before its softmax, so we pre-multiply.
-    Tokens outside the candidate set (or with q = 0) get -inf.
+    Tokens outside the candidate set (or with q = 0) get -inf. A token id may occupy two slots
+    (an appended stop candidate); their probabilities add up.
     """
-    out = torch.full((q.shape[0], vocab), NEG_INF, dtype=torch.float32, device=q.device)
-    logq = torch.where(q > 0, torch.log(q.clamp_min(1e-30)), torch.full_like(q, NEG_INF))
-    out.scatter_(1, ids, logq * temperature.float().view(-1, 1))
-    return out
+    probs = torch.zeros((q.shape[0], vocab), dtype=torch.float32, device=q.device)
+    probs.scatter_add_(1, ids, q.float())
+    logp = torch.where(probs > 0, torch.log(probs.clamp_min(1e-30)),
+                       torch.full_like(probs, NEG_INF))
+    return logp * temperature.float().view(-1, 1)
