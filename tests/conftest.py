@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models built on the fly, and real servers started once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny random checkpoints: a BPE pair (base + LenVM, head in value_head.safetensors) and a
+    character-vocabulary pair (base + oracle LenVM with its head inside the shards)."""
+    from sglang_lenvm import tiny_models as tm
+
+    root = tmp_path_factory.mktemp("models")
+    tm.build_tokenizer(root / "tok")
+    tm.build_causal_lm(root / "base", root / "tok", seed=0)
+    tm.build_lenvm(root / "lenvm", root / "tok", head_placement="file", seed=3)
+    tm.build_char_tokenizer(root / "ctok")
+    tm.build_causal_lm(root / "cbase", root / "ctok", seed=5)
+    tm.build_oracle_lenvm(root / "oracle", root / "ctok", gamma=0.9, head_placement="shards")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(models, tmp_path_factory):
+    """Random base + random LenVM (published layout, head file), default settings."""
+    s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm")],
+               tmp_path_factory.mktemp("logs") / "server.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def oracle_server(models, tmp_path_factory):
+    """Char-vocabulary base + the oracle LenVM; every token is a candidate (top-k 48)."""
+    s = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "oracle"),
+                "--lenvm-top-k", "48"], tmp_path_factory.mktemp("logs") / "oracle.log")
+    yield s
+    s.stop()

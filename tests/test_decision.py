@@ -1,0 +1,131 @@
+"""The length decision rules on hand-made candidate sets."""
+
+import math
+
+import torch
+
+from sglang_lenvm.runtime.decision import (
+    Candidates,
+    decide,
+    distribution_to_logits,
+    force_stop_value,
+    mask_stop_tokens,
+    select_candidates,
+)
+from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL, MODE_NONE
+
+G = 0.9
+
+
+def p_of(lengths):
+    """Values that predict exactly these remaining lengths."""
+    return torch.tensor([[1 - G ** l for l in row] for row in lengths], dtype=torch.float32)
+
+
+def cand(base, valid=None):
+    base = torch.tensor(base, dtype=torch.float32)
+    ids = torch.arange(base.shape[1]).expand_as(base) + 10
+    v = torch.ones_like(base, dtype=torch.bool) if valid is None else torch.tensor(valid)
+    return Candidates(ids=ids, base_prob=base, valid=v)
+
+
+def run(c, p, mode, target, generated, beta=0.0, greedy=False):
+    n = p.shape[0]
+    return decide(c, p, mode=torch.full((n,), mode), target=torch.full((n,), target),
+                  generated=torch.full((n,), generated), beta=torch.full((n,), float(beta)),
+                  greedy=torch.full((n,), greedy), gamma=G)
+
+
+def test_equal_picks_closest_length_with_probability_tiebreak():
+    c = cand([[0.4, 0.3, 0.2, 0.1]])
+    # target 10, 3 generated: budget after this token r = 6
+    q = run(c, p_of([[2, 5, 7, 6]]), MODE_EQUAL, 10, 3)
+    assert q.tolist() == [[0, 0, 0, 1]]
+    q = run(c, p_of([[9, 5, 7, 3]]), MODE_EQUAL, 10, 3)  # 5 and 7 tie at distance 1
+    assert q.tolist() == [[0, 1, 0, 0]]
+    q = run(c, p_of([[9, 5, 7, 3]]), MODE_EQUAL, 10, 12)  # over budget: r = 0, shortest wins
+    assert q.tolist() == [[0, 0, 0, 1]]
+
+
+def test_equal_ignores_invalid_slots():
+    c = cand([[0.4, 0.3, 0.2, 0.1]], valid=[[True, True, False, False]])
+    q = run(c, p_of([[9, 8, 6, 6]]), MODE_EQUAL, 10, 3)
+    assert q.tolist() == [[0, 1, 0, 0]]
+
+
+def test_at_most_restricts_and_renormalizes():
+    c = cand([[0.4, 0.3, 0.2, 0.1]])
+    q = run(c, p_of([[9, 5, 7, 3]]), MODE_AT_MOST, 10, 3)  # r = 6: slots 1 and 3 fit
+    assert torch.allclose(q, torch.tensor([[0, 0.75, 0, 0.25]]))
+    q = run(c, p_of([[9, 8, 7, 12]]), MODE_AT_MOST, 10, 3)  # nothing fits: shortest
+    assert q.tolist() == [[0, 0, 1, 0]]
+
+
+def test_at_least_restricts_and_falls_back_to_longest():
+    c = cand([[0.4, 0.3, 0.2, 0.1]])
+    q = run(c, p_of([[9, 5, 7, 3]]), MODE_AT_LEAST, 10, 3)  # r = 6: slots 0, 2
+    assert torch.allclose(q, torch.tensor([[4 / 6, 0, 2 / 6, 0]]))
+    q = run(c, p_of([[1, 2, 3, 4]]), MODE_AT_LEAST, 10, 3)
+    assert q.tolist() == [[0, 0, 0, 1]]
+
+
+def test_beta_tilt_formula():
+    base = [[0.5, 0.3, 0.2]]
+    c = cand(base)
+    p = torch.tensor([[0.9, 0.1, 0.5]])
+    beta = -3.0
+    q = run(c, p, MODE_NONE, 0, 0, beta=beta)
+    w = torch.tensor(base[0]) * torch.exp(beta * p[0])
+    assert torch.allclose(q[0], w / w.sum(), atol=1e-6)
+    assert q[0, 1] > 0.3  # short candidate gains mass with beta < 0
+    q0 = run(c, p, MODE_NONE, 0, 0, beta=0.0)
+    assert torch.allclose(q0, torch.tensor(base), atol=1e-6)
+
+
+def test_beta_inside_at_most_and_greedy():
+    c = cand([[0.4, 0.3, 0.2, 0.1]])
+    p = p_of([[9, 5, 7, 3]])
+    q = run(c, p, MODE_AT_MOST, 10, 3, beta=-50.0)
+    assert q[0, 0] == 0 and q[0, 2] == 0 and q[0, 3] > q[0, 1]
+    q = run(c, p, MODE_AT_MOST, 10, 3, greedy=True)  # greedy: argmax inside the admissible set
+    assert q.tolist() == [[0, 1, 0, 0]]
+
+
+def test_stop_tokens_have_zero_value_and_can_be_masked():
+    ids = torch.tensor([[5, 7, 2]])
+    p = torch.tensor([[0.5, 0.5, 0.5]])
+    stops = torch.tensor([[2, -1]])
+    assert force_stop_value(p, ids, stops).tolist() == [[0.5, 0.5, 0.0]]
+    logits = torch.zeros(1, 8)
+    mask_stop_tokens(logits, stops, torch.tensor([True]))
+    assert logits[0, 2] == float("-inf") and torch.isfinite(logits[0, :2]).all()
+    only_eos = torch.full((1, 8), float("-inf"))
+    only_eos[0, 2] = 0.0
+    mask_stop_tokens(only_eos, stops, torch.tensor([True]))  # ending is the only way: kept
+    assert only_eos[0, 2] == 0.0
+
+
+def test_select_candidates_truncation():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    one = torch.ones(1)
+    c = select_candidates(logits, one, torch.tensor([4]), one, torch.zeros(1), 5)
+    assert c.ids.tolist() == [[0, 1, 2, 3, 4]] and c.valid.tolist() == [[True] * 4 + [False]]
+    c = select_candidates(logits, one, torch.tensor([5]), torch.tensor([0.8]), torch.zeros(1), 5)
+    assert c.valid.tolist() == [[True, True, True, False, False]]  # mass before < 0.8
+    c = select_candidates(logits, one, torch.tensor([5]), one, torch.tensor([0.3]), 5)
+    assert c.valid.tolist() == [[True, True, True, False, False]]  # p >= 0.3 * 0.5
+    masked = logits.clone()
+    masked[0, 1] = float("-inf")
+    c = select_candidates(masked, one, torch.tensor([5]), one, torch.zeros(1), 5)
+    assert 1 not in c.ids[0][c.valid[0]].tolist()
+
+
+def test_distribution_to_logits_reproduces_q_after_temperature():
+    q = torch.tensor([[0.6, 0.4, 0.0]])
+    ids = torch.tensor([[3, 1, 0]])
+    t = torch.tensor([0.7])
+    logits = distribution_to_logits(q, ids, 6, t)
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    assert torch.allclose(probs, torch.tensor([[0, 0.4, 0, 0.6, 0, 0]]), atol=1e-6)
+    dup = distribution_to_logits(torch.tensor([[0.5, 0.5]]), torch.tensor([[2, 2]]), 4, torch.ones(1))
+    assert math.isclose(torch.softmax(dup, -1)[0, 2].item(), 1.0, rel_tol=1e-6)
