@@ -104,7 +104,7 @@ def parse_length_params(fields: dict, sampling: dict, *, max_top_k: int,
         top_k = None
     max_tokens = sampling.get("max_tokens")
     if mode in ("equal", "at_least") and _is_int(max_tokens) and max_tokens < target:
-        raise RequestError(f"max_tokens ({max_tokens}) is below length_target ({target}): "
+        raise RequestError(f"{max_tokens_field} ({max_tokens}) is below length_target ({target}): "
                            f"length_mode={mode!r} could not reach it", max_tokens_field)
     temperature = sampling.get("temperature")
     greedy = _is_number(temperature) and 0 <= temperature < 1e-6
@@ -117,25 +117,38 @@ def rewrite_body(path: str, body: dict, *, lenvm_loaded: bool, max_top_k: int,
     """Move our fields into custom_params (raising RequestError on bad values)."""
     if path == "/generate":
         sp = body.get("sampling_params")
-        if isinstance(sp, list):
-            for i, item in enumerate(sp):
-                _rewrite_one(body, item if isinstance(item, dict) else {}, "max_new_tokens",
-                             lenvm_loaded, max_top_k, context_len, sp_list=(sp, i))
+        if isinstance(sp, list):  # a batch: one sampling_params per prompt
+            guided = [_rewrite_one(body, item, "max_new_tokens", lenvm_loaded, max_top_k,
+                                   context_len, shared_fields=True) if isinstance(item, dict)
+                      else False for item in sp]
             for f in FIELDS:
                 body.pop(f, None)
+            if any(guided):
+                keys = body.get("extra_key")
+                keys = keys if isinstance(keys, list) else [keys] * len(sp)
+                body["extra_key"] = [_namespace(k) if g else k for k, g in zip(keys, guided)]
             return body
         if sp is None:
             sp = body["sampling_params"] = {}
         if not isinstance(sp, dict):
             return body
-        _rewrite_one(body, sp, "max_new_tokens", lenvm_loaded, max_top_k, context_len)
+        if _rewrite_one(body, sp, "max_new_tokens", lenvm_loaded, max_top_k, context_len):
+            body["extra_key"] = _namespace(body.get("extra_key"))
         return body
-    _rewrite_one(body, body, "max_tokens", lenvm_loaded, max_top_k, context_len)
+    if _rewrite_one(body, body, "max_tokens", lenvm_loaded, max_top_k, context_len):
+        key = body.get("extra_key")
+        body["extra_key"] = [_namespace(k) for k in key] if isinstance(key, list) else _namespace(key)
     return body
 
 
+def _namespace(key):
+    """The radix-cache namespace of LenVM requests (keeping the caller's own extra_key)."""
+    return f"{EXTRA_KEY}|{key}" if key else EXTRA_KEY
+
+
 def _rewrite_one(body: dict, sp: dict, max_key: str, lenvm_loaded: bool, max_top_k: int,
-                 context_len, sp_list=None) -> None:
+                 context_len, shared_fields: bool = False) -> bool:
+    """Validate one request's fields and move them into its sampling params; True if guided."""
     cp = sp.get("custom_params")
     if isinstance(cp, dict) and PARAMS_KEY in cp:
         raise RequestError(f"custom_params.{PARAMS_KEY} is reserved", "custom_params")
@@ -146,15 +159,11 @@ def _rewrite_one(body: dict, sp: dict, max_key: str, lenvm_loaded: bool, max_top
         if in_body and in_sp:
             raise RequestError(f"{f} given both at top level and in sampling_params", f)
         if in_body:
-            fields[f] = body[f] if sp_list is not None else body.pop(f)
+            fields[f] = body[f] if shared_fields else body.pop(f)
         elif in_sp:
             fields[f] = sp.pop(f)
-    given = [f for f in FIELDS if fields.get(f) not in (None, False, 0)]
-    if not given:
-        return
-    if not lenvm_loaded:
-        raise RequestError(f"{given[0]} needs a LenVM, and this server was started without one "
-                           f"(--lenvm-path)", given[0])
+    if not fields:
+        return False
     max_tokens = sp.get(max_key, sp.get("max_completion_tokens"))
     if max_key == "max_new_tokens" and max_key not in sp:
         max_tokens = GENERATE_DEFAULT_MAX_NEW_TOKENS  # what SGLang's /generate applies
@@ -166,7 +175,11 @@ def _rewrite_one(body: dict, sp: dict, max_key: str, lenvm_loaded: bool, max_top
     params = parse_length_params(fields, sampling, max_top_k=max_top_k, context_len=context_len,
                                  max_tokens_field=max_key)
     if params is None:
-        return
+        return False
+    if not lenvm_loaded:
+        name = next(f for f in FIELDS if fields.get(f) not in (None, False, 0, 0.0))
+        raise RequestError(f"{name} needs a LenVM, and this server was started without one "
+                           f"(--lenvm-path)", name)
     if body.get("custom_logit_processor") or sp.get("custom_logit_processor"):
         raise RequestError("custom_logit_processor cannot be combined with length guidance",
                            "custom_logit_processor")
@@ -176,11 +189,7 @@ def _rewrite_one(body: dict, sp: dict, max_key: str, lenvm_loaded: bool, max_top
     cp = dict(cp) if isinstance(cp, dict) else {}
     cp[PARAMS_KEY] = params
     sp["custom_params"] = cp
-    key = body.get("extra_key")
-    if isinstance(key, list):
-        body["extra_key"] = [f"{EXTRA_KEY}|{k}" if k else EXTRA_KEY for k in key]
-    else:
-        body["extra_key"] = f"{EXTRA_KEY}|{key}" if key else EXTRA_KEY
+    return True
 
 
 class LengthFieldsMiddleware:

@@ -32,7 +32,8 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(models, tmp_path_factory):
     """Random base + random LenVM (published layout, head file), default settings."""
-    s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm")],
+    s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
+                "--chunked-prefill-size", "64"],
                tmp_path_factory.mktemp("logs") / "server.log")
     yield s
     s.stop()

@@ -145,6 +145,7 @@ def _around_sample(orig, runner, logits_output, forward_batch, *args, **kwargs):
         runner._lenvm_forward_batch = None
     extra = getattr(forward_batch, "lenvm_output", None)
     if extra is not None:
+        extra = extra.with_chosen(out)
         from sglang.srt.managers.auxiliary_output import append_auxiliary_output
 
         logits_output.auxiliary_device_output = append_auxiliary_output(

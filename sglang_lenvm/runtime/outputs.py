@@ -11,12 +11,16 @@ tokens are committed to their requests, before streaming. We then put per-reques
   reported once).
 - `lenvm_fallback`: per output token, True where the LenVM produced non-finite values and the
   token was sampled from the base distribution instead.
+- `lenvm_p_chosen`: per output token of a steered request, the value the LenVM gave the token
+  that was then sampled, p(s_t + x_t) (None where it was not a candidate); it equals the next
+  entry of `lenvm_p`, and for a last token that ended by EOS it is 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+import math
+from typing import List, Optional
 
 import torch
 
@@ -25,6 +29,7 @@ from sglang_lenvm.returns import remaining_from_p
 VALUES_KEY = "lenvm_p"
 PREDICTED_KEY = "lenvm_predicted_length"
 FALLBACK_KEY = "lenvm_fallback"
+CHOSEN_KEY = "lenvm_p_chosen"
 REQUEST_LEVEL_KEYS = frozenset({PREDICTED_KEY})
 
 
@@ -35,10 +40,25 @@ class LenVMDeviceOutput:
     p_state: torch.Tensor  # [n] value of the state before this step's token
     ok: torch.Tensor  # [n] bool, False where the row fell back to unguided sampling
     gamma: float
+    cand_ids: Optional[torch.Tensor] = None  # [n, K] candidates scored this step
+    p_cand: Optional[torch.Tensor] = None  # [n, K] their values
+    p_chosen: Optional[torch.Tensor] = None  # [n] value of the sampled token (NaN: none)
+
+    def with_chosen(self, next_token_ids: torch.Tensor) -> "LenVMDeviceOutput":
+        """Look up the sampled token among the candidates (after SGLang's sampler ran)."""
+        if self.cand_ids is None:
+            return self
+        rows = torch.tensor(self.batch_rows, dtype=torch.int64, device=self.cand_ids.device)
+        hit = self.cand_ids == next_token_ids[rows].view(-1, 1)
+        p = torch.where(hit, self.p_cand.float(), torch.full_like(self.p_cand.float(), -1.0))
+        p = p.amax(dim=1)
+        chosen = torch.where(p >= 0, p, torch.full_like(p, float("nan")))
+        return dataclasses.replace(self, cand_ids=None, p_cand=None, p_chosen=chosen)
 
     def copy_to_host(self, copy_tensor) -> "LenVMHostOutput":
+        chosen = copy_tensor(self.p_chosen) if self.p_chosen is not None else None
         return LenVMHostOutput(self.batch_rows, self.want_values, copy_tensor(self.p_state),
-                               copy_tensor(self.ok), self.gamma)
+                               copy_tensor(self.ok), self.gamma, chosen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +68,12 @@ class LenVMHostOutput:
     p_state: torch.Tensor
     ok: torch.Tensor
     gamma: float
+    p_chosen: Optional[torch.Tensor] = None
 
     def consume(self, batch, commits) -> None:
         p_state = self.p_state.tolist()
         ok = self.ok.tolist()
+        chosen = self.p_chosen.tolist() if self.p_chosen is not None else None
         for j, i in enumerate(self.batch_rows):
             commit = commits[i]
             if commit is None:  # a prefill chunk that samples nothing, or a finished request
@@ -65,6 +87,11 @@ class LenVMHostOutput:
                 info[PREDICTED_KEY] = [remaining_from_p(p_state[j], self.gamma)]
             if self.want_values[j]:
                 info.setdefault(VALUES_KEY, []).extend([p_state[j]] + [None] * (n - 1))
+                if chosen is not None:
+                    c = None if math.isnan(chosen[j]) else chosen[j]
+                    pad = len(info.get(CHOSEN_KEY, ()))
+                    info.setdefault(CHOSEN_KEY, []).extend(
+                        [None] * (commit.output_index - pad) + [c] + [None] * (n - 1))
             if not ok[j] or FALLBACK_KEY in info:
                 pad = len(info.get(FALLBACK_KEY, ()))
                 info.setdefault(FALLBACK_KEY, []).extend(

@@ -134,6 +134,8 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
         p_state=p_state.float(),
         ok=ok,
         gamma=worker.gamma,
+        cand_ids=cand.ids if p_cand is not None else None,
+        p_cand=p_cand,
     )
 
 

@@ -1,0 +1,253 @@
+"""Fused LenVM value head + per-request length decision in Triton (two launches).
+
+Reference (torch): `ValueHead` (z = summary(SiLU(fc(h.float())))), p = sigmoid(z),
+`force_stop_value`, the NaN handling of `scorer.score_step`, and `decide`
+(`reference_value_head_decision` below composes exactly those).
+
+Why two launches, not one: the decision for a request needs the values of all its candidates,
+and each value needs a full H-wide reduction of the fc output. Computing fc for a request's
+rows inside one program would serialise the H x H float32 weight (9.4 MB for H = 1536) through a
+handful of programs; splitting the fc output columns over programs instead (what makes the GEMM
+fast) leaves partial z sums in different programs, and Triton has no grid-wide barrier. So:
+
+1. `_value_head_kernel`, grid (row blocks, fc column blocks): acc = h @ fc.W^T over H, + bias,
+   SiLU, then the dot with `summary.weight` restricted to the block's columns -> one partial z
+   per row and column block, written to `zpart[col_block, row]` (no atomics: deterministic).
+   The fc GEMM runs on tensor cores in 3xTF32 ("tf32x3"), which keeps float32 accuracy: the
+   head is float32 on purpose (p near 1 is where ln(1-p)/ln(gamma) is most sensitive).
+2. `_decision_kernel`, grid (B,): sums the partials + summary bias, sigmoid, stop tokens -> 0,
+   NaN -> 0 (with a per-row `cand_ok` flag as the scorer keeps), remaining length, the
+   equal / at_most / at_least rules with decide()'s +-1/2 rounding tolerance, beta tilting and
+   greedy argmax, writing q over the candidate slots.
+
+Rows of `hidden` are request-major star trees: row b * T + t, t = 0 the root when has_root, and
+candidate slot j at t = has_root + j. Mode codes are those of `length_state` (0 none, 1 equal,
+2 at_most, 3 at_least).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# The kernel spells the mode codes of sglang_lenvm.runtime.length_state as literals:
+MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST = 1, 2, 3
+
+
+@dataclasses.dataclass
+class HeadDecision:
+    p_all: torch.Tensor  # [B, T] float32 sigmoid(z) of every tree row (root included), raw
+    p_cand: torch.Tensor  # [B, K] float32 candidate values: stop tokens 0, NaN -> 0
+    q: torch.Tensor  # [B, K] float32 distribution over the candidate slots (one-hot if chosen)
+    cand_ok: torch.Tensor  # [B] bool: every valid candidate had a finite value
+
+
+@triton.jit
+def _value_head_kernel(
+    X, W, BIAS, WS, ZPART, n_rows, hidden,
+    stride_x, stride_w, stride_zp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < hidden
+        # h.float(): the head is float32 whatever the backbone dtype
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + kk[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        # nn.Linear weight is [out, in]: the [in, out] tile of W^T
+        w = tl.load(W + cols[None, :].to(tl.int64) * stride_w + kk[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    acc += tl.load(BIAS + cols, mask=col_ok, other=0.0)[None, :]
+    act = acc * tl.sigmoid(acc)  # SiLU
+    ws = tl.load(WS + cols, mask=col_ok, other=0.0)  # zero outside H: padded columns add 0
+    part = tl.sum(act * ws[None, :], 1)
+    tl.store(ZPART + tl.program_id(1) * stride_zp + rows, part, mask=row_ok)
+
+
+@triton.jit
+def _log1p_neg(x):
+    """log1p(-x) for 0 <= x < 1, accurate near 0 (Goldberg's trick; no log1p in tl.math)."""
+    u = 1.0 - x
+    exact = u == 1.0
+    return tl.where(exact, -x, tl.log(u) * (-x) / tl.where(exact, 1.0, u - 1.0))
+
+
+@triton.jit
+def _decision_kernel(
+    ZPART, SUMMARY_BIAS, IDS, BASE, VALID, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
+    P_ALL, P_CAND, Q, CAND_OK,
+    n_parts, tree_size, num_cand, num_stop, log_gamma,
+    stride_zp, stride_ids, stride_base, stride_valid, stride_stop,
+    stride_pa, stride_pc, stride_q,
+    ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    bias = tl.load(SUMMARY_BIAS)
+    row0 = b * tree_size
+
+    # z of every tree row: the column-block partials + the summary bias.
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < tree_size
+    z_all = tl.zeros([BLOCK_T], tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < num_cand
+    z = tl.zeros([BLOCK_K], tl.float32)
+    for part in range(0, n_parts):
+        base_ptr = ZPART + part * stride_zp + row0
+        z_all += tl.load(base_ptr + offs_t, mask=t_ok, other=0.0)
+        z += tl.load(base_ptr + ROOT + offs_k, mask=k_ok, other=0.0)
+    tl.store(P_ALL + b * stride_pa + offs_t, tl.sigmoid(z_all + bias), mask=t_ok)
+    p = tl.sigmoid(z + bias)
+
+    # Stop tokens end the generation: value 0 (force_stop_value).
+    ids = tl.load(IDS + b * stride_ids + offs_k, mask=k_ok, other=-1)
+    offs_s = tl.arange(0, BLOCK_S)
+    stop = tl.load(STOP + b * stride_stop + offs_s, mask=offs_s < num_stop, other=-1)
+    is_stop = tl.sum(((ids[:, None] == stop[None, :]) & (stop[None, :] >= 0)).to(tl.int32), 1) > 0
+    p = tl.where(is_stop, 0.0, p)
+    valid = tl.load(VALID + b * stride_valid + offs_k, mask=k_ok, other=0).to(tl.int1)
+    # The scorer's health check: a NaN value on a valid slot marks the row unusable.
+    finite = (p == p) & (tl.abs(p) < float("inf"))
+    bad = tl.sum((valid & ~finite).to(tl.int32), 0)
+    tl.store(CAND_OK + b, bad == 0)
+    p = tl.where(p == p, p, 0.0)  # nan_to_num(nan=0): sigmoid is never +-inf
+    tl.store(P_CAND + b * stride_pc + offs_k, p, mask=k_ok)
+
+    # Predicted remaining length and the budget left after this token (decide()).
+    # clamp to 1 - float32 eps as remaining_length() does
+    length = _log1p_neg(tl.minimum(tl.maximum(p, 0.0), 1.0 - 1.1920928955078125e-07)) / log_gamma
+    mode = tl.load(MODE + b)
+    r = tl.maximum(tl.load(TARGET + b) - tl.load(GENERATED + b) - 1, 0).to(tl.float32)
+    INF = float("inf")
+    dist = tl.where(valid, tl.abs(length - r), INF)
+    admissible = tl.where(mode == 2, length < r + 0.5,
+                          tl.where(mode == 3, length > r - 0.5, True)) & valid
+    none_ok = tl.sum(admissible.to(tl.int32), 0) == 0
+    fallback = tl.where(mode == 2, tl.where(valid, length, INF), tl.where(valid, -length, INF))
+    deterministic = (mode == 1) | ((mode != 0) & none_ok)
+    pick_score = tl.where(mode == 1, dist, fallback)
+    pick_score = tl.where(k_ok, pick_score, INF)
+    # first minimum: slots are sorted by base probability, ties go to the more likely token
+    one_hot = (offs_k == tl.argmin(pick_score, 0, tie_break_left=True)).to(tl.float32)
+
+    # Sampling: base probabilities over the admissible set, tilted by exp(beta * p). Like
+    # torch.softmax, a row with nothing admissible yields NaN (decide() then uses the one-hot,
+    # or the row is unused).
+    base = tl.load(BASE + b * stride_base + offs_k, mask=k_ok, other=0.0)
+    logq = tl.log(tl.maximum(base, 1e-30)) + tl.load(BETA + b) * p
+    logq = tl.where(admissible, logq, float("-inf"))
+    e = tl.exp(logq - tl.max(logq, 0))
+    q = e / tl.sum(e, 0)
+    q = tl.where(deterministic, one_hot, q)
+    # greedy: argmax of q (torch's argmax takes a NaN as the maximum)
+    score = tl.where(q == q, q, INF)
+    score = tl.where(k_ok, score, -1.0)
+    greedy_pick = (offs_k == tl.argmax(score, 0, tie_break_left=True)).to(tl.float32)
+    greedy = tl.load(GREEDY + b).to(tl.int1)
+    q = tl.where(greedy, greedy_pick, q)
+    tl.store(Q + b * stride_q + offs_k, q, mask=k_ok)
+
+
+def _precision(device: torch.device) -> str:
+    # 3xTF32 on NVIDIA tensor cores ~ float32 accuracy; IEEE elsewhere (the interpreter ignores it)
+    if device.type == "cuda" and torch.version.hip is None:
+        return "tf32x3"
+    return "ieee"
+
+
+def value_head_partials(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor,
+                        summary_weight: torch.Tensor) -> torch.Tensor:
+    """Launch 1: [N, H] hidden -> zpart [col blocks, N] (z = zpart.sum(0) + summary bias)."""
+    n, h = hidden.shape
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    fc_weight = fc_weight.contiguous()
+    summary_weight = summary_weight.reshape(-1).contiguous()
+    # Small batches: narrower column blocks so that more programs share the weight read.
+    block_m = max(16, min(64, triton.next_power_of_2(max(n, 1))))
+    block_n = 32 if n <= 64 else 64
+    block_k = 32
+    parts = triton.cdiv(h, block_n)
+    zpart = torch.empty((parts, max(n, 1)), dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return zpart[:, :0]
+    _value_head_kernel[(triton.cdiv(n, block_m), parts)](
+        hidden, fc_weight, fc_bias, summary_weight, zpart, n, h,
+        hidden.stride(0), fc_weight.stride(0), zpart.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=_precision(hidden.device), num_warps=4, num_stages=3,
+    )
+    return zpart
+
+
+def value_head_triton(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor,
+                      summary_weight: torch.Tensor, summary_bias: torch.Tensor) -> torch.Tensor:
+    """Raw values z [N] (float32) like `ValueHead.forward`, for forwards without a decision."""
+    zpart = value_head_partials(hidden, fc_weight, fc_bias, summary_weight)
+    return zpart.sum(0) + summary_bias.float()
+
+
+def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
+                               ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
+                               generated, beta, greedy, gamma: float) -> HeadDecision:
+    """hidden [B*T, H] star-tree states -> values and the decision for B requests.
+
+    ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
+    padded; mode / target / generated / beta / greedy [B] as in `decide`.
+    """
+    B, K = ids.shape
+    T = K + int(has_root)
+    assert hidden.shape[0] == B * T and K >= 1, (hidden.shape, ids.shape, has_root)
+    dev = hidden.device
+    zpart = value_head_partials(hidden, fc_weight, fc_bias, summary_weight)
+    p_all = torch.empty((B, T), dtype=torch.float32, device=dev)
+    p_cand = torch.empty((B, K), dtype=torch.float32, device=dev)
+    q = torch.empty((B, K), dtype=torch.float32, device=dev)
+    cand_ok = torch.empty((B,), dtype=torch.bool, device=dev)
+    if B == 0:
+        return HeadDecision(p_all, p_cand, q, cand_ok)
+    stop_ids = stop_ids if stop_ids.numel() else torch.full((B, 1), -1, dtype=torch.int64,
+                                                             device=dev)
+    base_prob = base_prob.float()
+    _decision_kernel[(B,)](
+        zpart, summary_bias.reshape(-1).float(), ids, base_prob, valid, stop_ids, mode, target,
+        generated, beta.float(), greedy, p_all, p_cand, q, cand_ok,
+        zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma),
+        zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), stop_ids.stride(0),
+        p_all.stride(0), p_cand.stride(0), q.stride(0),
+        ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
+        BLOCK_K=max(2, triton.next_power_of_2(K)),
+        BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])), num_warps=1,
+    )
+    return HeadDecision(p_all, p_cand, q, cand_ok)
+
+
+def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
+                                  ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
+                                  generated, beta, greedy, gamma: float) -> HeadDecision:
+    """The torch path the scorer runs today (ValueHead, sigmoid, force_stop_value, decide)."""
+    from sglang_lenvm.runtime.decision import Candidates, decide, force_stop_value
+
+    B, K = ids.shape
+    fc = torch.nn.functional.linear(hidden.float(), fc_weight, fc_bias)
+    z = torch.nn.functional.linear(torch.nn.functional.silu(fc), summary_weight.view(1, -1),
+                                   summary_bias.view(-1)).squeeze(-1)
+    p_all = torch.sigmoid(z).view(B, K + int(has_root))
+    p_cand = force_stop_value(p_all[:, int(has_root):], ids, stop_ids)
+    cand_ok = torch.where(valid, torch.isfinite(p_cand), torch.ones_like(valid)).all(1)
+    p_cand = torch.nan_to_num(p_cand, nan=0.0)
+    q = decide(Candidates(ids=ids, base_prob=base_prob, valid=valid), p_cand, mode=mode,
+               target=target, generated=generated, beta=beta, greedy=greedy, gamma=gamma)
+    return HeadDecision(p_all, p_cand, q, cand_ok)

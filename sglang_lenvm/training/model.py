@@ -1,0 +1,126 @@
+"""The LenVM for training: a Hugging Face causal-LM backbone (without its LM head) + value head.
+
+The value head reads the final-norm hidden state: z = summary(SiLU(fc(h))), the same module
+names (`v_head.fc`, `v_head.summary`) as the published layout and our SGLang model class.
+
+The backbone can be split at layer k: layers below k frozen, layers k.. (and the final norm)
+trained. The frozen part's output for a sequence never changes, so it can be computed once
+and cached (`frozen_states`), which on a CPU makes each epoch cost only the trained layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class ValueHead(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.summary = nn.Linear(hidden_size, 1, bias=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [...] raw values z, computed in float32 (as served)."""
+        w = self.fc.weight
+        return self.summary(nn.functional.silu(self.fc(hidden.to(w.dtype)))).squeeze(-1)
+
+    def init_output(self, mean_p: float) -> None:
+        """Start at the data's average value: zero output weights and bias = logit(mean p).
+        The first steps then learn structure instead of the global offset."""
+        mean_p = min(max(mean_p, 1e-4), 1 - 1e-4)
+        with torch.no_grad():
+            self.summary.weight.zero_()
+            self.summary.bias.fill_(math.log(mean_p / (1 - mean_p)))
+
+
+class LenVMForTraining(nn.Module):
+    def __init__(self, backbone: nn.Module, train_last_layers: Optional[int] = None):
+        super().__init__()
+        self.backbone = backbone  # e.g. LlamaModel: embed_tokens, layers, norm, rotary_emb
+        self.v_head = ValueHead(backbone.config.hidden_size)
+        n_layers = len(backbone.layers)
+        if train_last_layers is None or train_last_layers >= n_layers:
+            self.split = 0  # full fine-tuning
+        else:
+            if train_last_layers < 0:
+                raise ValueError("train_last_layers must be >= 0")
+            self.split = n_layers - train_last_layers
+            for p in backbone.embed_tokens.parameters():
+                p.requires_grad_(False)
+            for layer in backbone.layers[: self.split]:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+
+    @classmethod
+    def from_base(cls, base_path: str, train_last_layers: Optional[int] = None,
+                  dtype: torch.dtype = torch.float32) -> "LenVMForTraining":
+        from transformers import AutoModel
+
+        # AutoModel on a causal-LM checkpoint gives the bare backbone (no LM head, which a
+        # LenVM does not need and which is large for big vocabularies). sdpa attention: with
+        # no padding mask it runs causally.
+        backbone = AutoModel.from_pretrained(base_path, dtype=dtype, attn_implementation="sdpa")
+        return cls(backbone, train_last_layers)
+
+    @property
+    def frozen(self) -> bool:
+        return self.split > 0
+
+    def _mask_and_rope(self, hidden: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask
+
+        T = hidden.shape[1]
+        pos = torch.arange(T, device=hidden.device).unsqueeze(0)
+        # The model's own mask builder: None (causal sdpa) or an explicit causal mask.
+        mask = create_causal_mask(config=self.backbone.config, inputs_embeds=hidden,
+                                  attention_mask=None, past_key_values=None, position_ids=pos)
+        return mask, pos, self.backbone.rotary_emb(hidden, position_ids=pos)
+
+    def _layers(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        mask, pos, rope = self._mask_and_rope(hidden)
+        for layer in self.backbone.layers[start:end]:
+            out = layer(hidden, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    @torch.no_grad()
+    def frozen_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen layers (the input of the first trained layer). [B, T, H]"""
+        hidden = self.backbone.embed_tokens(input_ids)
+        return self._layers(hidden, 0, self.split)
+
+    def forward_from_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Trained layers + final norm + head on frozen-part outputs. -> z [B, T]"""
+        hidden = self._layers(states, self.split, len(self.backbone.layers))
+        return self.v_head(self.backbone.norm(hidden))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """z [B, T] for right-padded input_ids (positions after a sequence's end are junk)."""
+        if self.frozen:
+            return self.forward_from_states(self.frozen_states(input_ids))
+        hidden = self.backbone.embed_tokens(input_ids)
+        return self.v_head(self.backbone.norm(self._layers(hidden, 0, len(self.backbone.layers))))
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors training changes, under checkpoint names (`model.*`, `v_head.*`)."""
+        out = {}
+        for name, p in self.backbone.named_parameters():
+            if p.requires_grad:
+                out["model." + name] = p.detach()
+        for name, p in self.v_head.named_parameters():
+            out["v_head." + name] = p.detach()
+        return out
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"model." + k: v for k, v in self.backbone.state_dict().items()
+                if not k.startswith("rotary_emb")}
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"v_head." + k: v for k, v in self.v_head.state_dict().items()}

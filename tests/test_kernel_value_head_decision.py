@@ -1,0 +1,180 @@
+"""The fused value head + decision kernels vs the torch path (ValueHead math, force_stop_value,
+the scorer's NaN handling, decide).
+
+Runs on CPU in a TRITON_INTERPRET=1 child process (see test_kernel_star_attention.py for why),
+or compiled in-process when a CUDA device is present.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+needs_device = pytest.mark.skipif(DEVICE is None, reason="no CUDA: runs in the interpreter child")
+GAMMA = 0.99
+NONE, EQUAL, AT_MOST, AT_LEAST = 0, 1, 2, 3
+
+
+@pytest.mark.skipif(INTERPRET, reason="already the interpreter child")
+def test_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                           "-W", "ignore::UserWarning"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def test_mode_codes_match_length_state():
+    from sglang_lenvm.kernels import value_head_decision as vhd
+    from sglang_lenvm.runtime import length_state as ls
+
+    assert (vhd.MODE_EQUAL, vhd.MODE_AT_MOST, vhd.MODE_AT_LEAST) == (
+        ls.MODE_EQUAL, ls.MODE_AT_MOST, ls.MODE_AT_LEAST) == (EQUAL, AT_MOST, AT_LEAST)
+    assert ls.MODE_NONE == NONE
+
+
+def _head(H, seed):
+    g = torch.Generator().manual_seed(seed)
+    # scaled so that z spreads over a few units: p from ~0.05 to ~0.95, lengths 5..300
+    return (torch.randn(H, H, generator=g) / math.sqrt(H), torch.randn(H, generator=g) * 0.1,
+            torch.randn(1, H, generator=g) * 3 / math.sqrt(H), torch.tensor([1.0]))
+
+
+def _run_both(hidden, head, **kw):
+    from sglang_lenvm.kernels.value_head_decision import (
+        reference_value_head_decision,
+        value_head_decision_triton,
+    )
+
+    dev = lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    got = value_head_decision_triton(dev(hidden), *map(dev, head),
+                                     **{k: dev(v) for k, v in kw.items()})
+    want = reference_value_head_decision(hidden, *head, **kw)
+    return got, want
+
+
+def _compare(got, want, q_atol=1e-5):
+    assert torch.allclose(got.p_all.cpu(), want.p_all, atol=2e-6, equal_nan=True)
+    assert torch.allclose(got.p_cand.cpu(), want.p_cand, atol=2e-6)
+    assert torch.equal(got.cand_ok.cpu(), want.cand_ok)
+    assert torch.allclose(got.q.cpu(), want.q, atol=q_atol, equal_nan=True), (got.q, want.q)
+
+
+def _lengths(p):
+    from sglang_lenvm.runtime.decision import remaining_length
+
+    return remaining_length(p, GAMMA)
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_mode_with_root(dtype):
+    torch.manual_seed(0)
+    B, K, H = 9, 5, 80  # H not a multiple of the 32/64 blocks
+    head = _head(H, 1)
+    hidden = torch.randn(B * (K + 1), H).to(dtype)
+    ids = torch.randint(20, 60, (B, K))
+    ids[1, 2] = 7  # EOS among the candidates (a valid one)
+    ids[3, 0] = 8  # the second stop id of row 3, in slot 0
+    base = torch.softmax(torch.randn(B, K), -1).sort(-1, descending=True).values
+    valid = torch.ones(B, K, dtype=torch.bool)
+    valid[0, 3:] = False  # fewer valid slots than K (mode none row)
+    stop = torch.tensor([[7, 8, -1]] * B)
+    stop[5] = -1  # a row without stop ids (ignore_eos)
+
+    # Targets placed among the candidates' own predicted lengths, so that the admissible sets
+    # are neither empty nor full; rows 6/7 have nothing admissible (the fallbacks).
+    probe, _ = _run_both(hidden, head, ids=ids, base_prob=base, valid=valid, stop_ids=stop,
+                         has_root=True, mode=torch.zeros(B, dtype=torch.int64),
+                         target=torch.zeros(B, dtype=torch.int64),
+                         generated=torch.zeros(B, dtype=torch.int64), beta=torch.zeros(B),
+                         greedy=torch.zeros(B, dtype=torch.bool), gamma=GAMMA)
+    med = _lengths(probe.p_cand.cpu()).median(1).values.round().long()
+    generated = torch.full((B,), 3)
+    target = med + generated + 1  # r = median length
+    mode = torch.tensor([NONE, EQUAL, AT_MOST, AT_LEAST, AT_MOST, AT_LEAST, AT_MOST, AT_LEAST,
+                         EQUAL])
+    target[6] = generated[6]  # at_most with r = 0: only the stop candidate (p = 0) fits ...
+    stop[6, 0] = -1  # ... and there is none among the candidates: fallback to the shortest
+    target[7] = 100_000  # at_least far beyond every prediction: fallback to the longest
+    beta = torch.tensor([0.0, 0.0, -4.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    greedy = torch.tensor([False, False, False, False, True, True, False, False, True])
+    got, want = _run_both(hidden, head, ids=ids, base_prob=base, valid=valid, stop_ids=stop,
+                          has_root=True, mode=mode, target=target, generated=generated,
+                          beta=beta, greedy=greedy, gamma=GAMMA)
+    _compare(got, want)
+    assert want.p_cand[1, 2] == 0 and want.p_cand[3, 0] == 0  # stops forced to 0
+    assert ((want.q > 0) & (want.q < 1)).any(1)[[0, 2, 3]].all()  # sampling rows really sample
+    assert (want.q.max(1).values == 1)[[1, 4, 5, 6, 7, 8]].all()  # the one-hot rows
+
+
+@needs_device
+def test_prefill_tree_single_candidate_and_nan_row():
+    torch.manual_seed(1)
+    B, K, H = 4, 1, 64
+    head = _head(H, 2)
+    hidden = torch.randn(B * K, H)
+    hidden[2, 5] = float("nan")  # a broken LenVM state: the row must come back not ok
+    ids = torch.randint(0, 50, (B, K))
+    kw = dict(ids=ids, base_prob=torch.ones(B, K), valid=torch.ones(B, K, dtype=torch.bool),
+              stop_ids=torch.full((B, 1), -1), has_root=False,
+              mode=torch.tensor([EQUAL, AT_MOST, AT_LEAST, NONE]),
+              target=torch.tensor([5, 5, 5, 0]), generated=torch.zeros(B, dtype=torch.int64),
+              beta=torch.tensor([0.0, 1.0, 0.0, -1.0]), greedy=torch.zeros(B, dtype=torch.bool),
+              gamma=GAMMA)
+    got, want = _run_both(hidden, head, **kw)
+    _compare(got, want)
+    assert want.cand_ok.tolist() == [True, True, False, True]
+
+
+@needs_device
+def test_rows_without_valid_candidates_and_ties():
+    # A non-steering row (nothing valid) gives NaN like torch.softmax does; an exact tie in
+    # `equal` mode goes to the earlier (more likely) slot.
+    torch.manual_seed(2)
+    B, K, H = 2, 4, 32
+    head = _head(H, 3)
+    hidden = torch.randn(B * (K + 1), H)
+    hidden[K + 1 + 1 + 2] = hidden[K + 1 + 1 + 1]  # row 1: candidates 1 and 2 share a state
+    valid = torch.ones(B, K, dtype=torch.bool)
+    valid[0] = False
+    probe, _ = _run_both(hidden, head, ids=torch.arange(B * K).view(B, K),
+                         base_prob=torch.full((B, K), 0.25), valid=valid,
+                         stop_ids=torch.full((B, 1), -1), has_root=True,
+                         mode=torch.zeros(B, dtype=torch.int64),
+                         target=torch.zeros(B, dtype=torch.int64),
+                         generated=torch.zeros(B, dtype=torch.int64), beta=torch.zeros(B),
+                         greedy=torch.zeros(B, dtype=torch.bool), gamma=GAMMA)
+    r = int(_lengths(probe.p_cand.cpu())[1, 1].round())
+    kw = dict(ids=torch.arange(B * K).view(B, K), base_prob=torch.full((B, K), 0.25),
+              valid=valid, stop_ids=torch.full((B, 1), -1), has_root=True,
+              mode=torch.tensor([NONE, EQUAL]), target=torch.tensor([0, r + 1]),
+              generated=torch.zeros(B, dtype=torch.int64), beta=torch.zeros(B),
+              greedy=torch.zeros(B, dtype=torch.bool), gamma=GAMMA)
+    got, want = _run_both(hidden, head, **kw)
+    _compare(got, want)
+    assert torch.isnan(want.q[0]).all()
+    if (probe.p_cand[1, 1] == probe.p_cand[1, 2]) and want.q[1, 1:3].sum() == 1:
+        assert want.q[1, 1] == 1
+
+
+@needs_device
+def test_value_head_only_matches_reference_z():
+    from sglang_lenvm.kernels.value_head_decision import value_head_triton
+
+    torch.manual_seed(3)
+    H = 96
+    W, b, ws, bs = _head(H, 4)
+    hidden = torch.randn(37, H, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(
+        torch.nn.functional.silu(torch.nn.functional.linear(hidden.float(), W, b)), ws, bs
+    ).squeeze(-1)
+    got = value_head_triton(*(x.to(DEVICE) for x in (hidden, W, b, ws, bs)))
+    assert got.shape == (37,) and torch.allclose(got.cpu(), want, atol=2e-5)

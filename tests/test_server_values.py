@@ -1,0 +1,102 @@
+"""LenVM values read through the real SGLang runtime vs a plain transformers forward.
+
+Covers the KV mirror in every path a request can take: fresh prefill, chunked prefill (the
+server runs with --chunked-prefill-size 64), radix-cache hits (incl. a prefix cached by a
+prefill-only request), requests of different lengths batched together, and decode roots; plus
+the values of the candidates the sampler then chose.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from reference import lenvm_p, trace_reference
+
+TOL = 1e-4
+LONG = " ".join(f"item {i} is the number {i * 7 % 13}." for i in range(40))  # ~ 300 tokens
+
+
+@pytest.fixture(scope="module")
+def tok(models):
+    return AutoTokenizer.from_pretrained(str(models / "base"))
+
+
+def generate(server, text, **sp):
+    r = server.post("/generate", {"text": text, "sampling_params": sp})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def check_trace(models, tok, text, out):
+    prompt = tok.encode(text)
+    vals = out["meta_info"]["lenvm_p"]
+    assert len(vals) == len(out["output_ids"])
+    ref = trace_reference(models / "lenvm", prompt, out["output_ids"])
+    got = torch.tensor(vals, dtype=torch.float64)
+    assert (got - ref).abs().max().item() < TOL, (got - ref).abs().max()
+    return prompt, ref
+
+
+def test_trace_unguided_greedy(server, models, tok):
+    out = generate(server, "The capital of France", max_new_tokens=16, temperature=0,
+                   return_length_values=True)
+    check_trace(models, tok, "The capital of France", out)
+    pred = out["meta_info"]["lenvm_predicted_length"][0]
+    p0 = out["meta_info"]["lenvm_p"][0]
+    import math
+    assert pred == pytest.approx(math.log1p(-p0) / math.log(0.997), rel=1e-6)
+
+
+def test_trace_long_prompt_chunked_and_radix_hit(server, models, tok):
+    first = generate(server, LONG, max_new_tokens=8, temperature=0, return_length_values=True)
+    check_trace(models, tok, LONG, first)
+    second = generate(server, LONG + " More", max_new_tokens=8, temperature=0,
+                      return_length_values=True)
+    assert second["meta_info"]["cached_tokens"] > 200  # served from the radix cache
+    check_trace(models, tok, LONG + " More", second)
+
+
+def test_prefix_cached_by_prefill_only_request(server, models, tok):
+    text = "Prefill only: " + " ".join(f"w{i}" for i in range(60))
+    generate(server, text, max_new_tokens=0, return_length_values=True)
+    out = generate(server, text + " and then", max_new_tokens=6, temperature=0,
+                   return_length_values=True)
+    assert out["meta_info"]["cached_tokens"] > 50
+    check_trace(models, tok, text + " and then", out)
+
+
+def test_batched_requests_of_different_lengths(server, models, tok):
+    texts = ["Hi", "The capital of France", LONG[:400], "Count: 1 2 3 4 5 6", LONG[:90]]
+    modes = [{}, {"length_target": 9}, {"length_target": 5, "length_mode": "at_most"},
+             {"beta": -3.0}, {"length_target": 12, "length_mode": "at_least"}]
+    with ThreadPoolExecutor(len(texts)) as ex:
+        outs = list(ex.map(lambda a: generate(server, a[0], max_new_tokens=14, temperature=1.0,
+                                              return_length_values=True, **a[1]),
+                           zip(texts, modes)))
+    for text, out in zip(texts, outs):
+        check_trace(models, tok, text, out)
+
+
+def test_chosen_candidate_values(server, models, tok):
+    """The values the LenVM gave the tokens that were then chosen (star-tree candidates)."""
+    text = "Write a story"
+    out = generate(server, text, max_new_tokens=12, temperature=1.0, length_target=10,
+                   length_mode="at_least", return_length_values=True)
+    prompt = tok.encode(text)
+    chosen = out["meta_info"]["lenvm_p_chosen"]
+    ref = lenvm_p(models / "lenvm", prompt + out["output_ids"])
+    P = len(prompt)
+    checked = 0
+    for t, c in enumerate(chosen):
+        if c is not None:
+            assert abs(c - ref[P + t].item()) < TOL
+            checked += 1
+    assert checked == len(out["output_ids"])  # every sampled token was a scored candidate
+
+
+def test_stats_counters(server):
+    stats = server.get("/lenvm/stats").json()[0]
+    assert stats["star_forwards"] > 0 and stats["candidates_scored"] > 0
+    assert stats["gamma"] == 0.997 and stats["default_top_k"] == 15
