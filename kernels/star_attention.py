@@ -197,17 +197,35 @@ def plan_splits(max_prefix_len: int, programs: int, device: torch.device) -> int
     return max(1, min(want, by_len, MAX_SPLITS))
 
 
+def launch_plan(batch: int, tree_size: int, hq: int, hkv: int, max_prefix_len: int,
+                dtype: torch.dtype, device: torch.device, *, num_splits: Optional[int] = None,
+                block_n: Optional[int] = None, num_warps: Optional[int] = None,
+                num_stages: Optional[int] = None) -> dict:
+    """Tile sizes, splits and warps for one call (host ints only: no device sync)."""
+    rows = tree_size * (hq // hkv)
+    fp32 = dtype == torch.float32
+    # float32 (IEEE FMA dots, no tensor cores) keeps its tiles in registers: smaller tiles
+    block_m = max(16, min(MAX_BLOCK_M // 2 if fp32 else MAX_BLOCK_M,
+                          triton.next_power_of_2(rows)))
+    m_blocks = triton.cdiv(rows, block_m)
+    block_n = block_n or (16 if fp32 else 64)
+    splits = num_splits or plan_splits(max_prefix_len, batch * hkv * m_blocks, device)
+    chunk = triton.cdiv(triton.cdiv(max(max_prefix_len, 1), splits), block_n) * block_n
+    return dict(block_m=block_m, m_blocks=m_blocks, block_n=block_n, chunk=chunk,
+                splits=max(1, triton.cdiv(max_prefix_len, chunk)),
+                num_warps=num_warps or (8 if block_m >= 128 or fp32 else 4),
+                num_stages=num_stages or 2)
+
+
 def star_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          req_to_token: torch.Tensor, meta, scale: float, *,
-                          num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                          num_warps: Optional[int] = None,
-                          num_stages: Optional[int] = None) -> torch.Tensor:
+                          req_to_token: torch.Tensor, meta, scale: float,
+                          **overrides) -> torch.Tensor:
     """q [B*T, Hq, D], k/v [B*T, Hkv, D(v)]; caches [slots, Hkv, D(v)]. Returns [B*T, Hq, Dv].
 
-    Same contract as `star_attention_torch`. The keyword-only arguments override the launch
-    heuristics (for tuning with benchmarks/bench_kernels.py). Only the last dimension of each
-    tensor needs to be contiguous.
+    Same contract as `star_attention_torch`. `overrides` (num_splits, block_n, num_warps,
+    num_stages) replace the launch heuristics, for tuning with benchmarks/bench_kernels.py.
+    Only the last dimension of each tensor needs to be contiguous.
     """
     B, T = meta.prefix_lens.shape[0], meta.tree_size
     hq, d = q.shape[1], q.shape[2]
@@ -215,45 +233,33 @@ def star_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     assert q.shape[0] == B * T and k.shape[0] == B * T and hq % hkv == 0, (q.shape, k.shape, B, T)
     q, k, v, k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous()
                                  for x in (q, k, v, k_cache, v_cache))
-    group = hq // hkv
     out = torch.empty((B * T, hq, dv), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-
-    rows = T * group
-    fp32 = q.dtype == torch.float32
-    # float32 (IEEE FMA dots, no tensor cores) keeps its tiles in registers: smaller tiles
-    block_m = max(16, min(MAX_BLOCK_M // 2 if fp32 else MAX_BLOCK_M,
-                          triton.next_power_of_2(rows)))
-    m_blocks = triton.cdiv(rows, block_m)
-    block_n = block_n or (16 if fp32 else 64)
-    num_warps = num_warps or (8 if block_m >= 128 or fp32 else 4)
-    max_prefix = int(meta.max_prefix_len)
-    splits = num_splits or plan_splits(max_prefix, B * hkv * m_blocks, q.device)
-    chunk = triton.cdiv(triton.cdiv(max(max_prefix, 1), splits), block_n) * block_n
-    splits = max(1, triton.cdiv(max_prefix, chunk))
-
+    plan = launch_plan(B, T, hq, hkv, int(meta.max_prefix_len), q.dtype, q.device, **overrides)
+    splits = plan["splits"]
     if splits > 1:
         mid_o = torch.empty((B * T, hq, splits, dv), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((B * T, hq, splits), dtype=torch.float32, device=q.device)
     else:  # unused by the single-split kernel: pass `out` for the pointers
         mid_o, mid_lse = out.unsqueeze(2), out[:, :, 0]
 
-    upcast = _interpreting() and q.dtype == torch.bfloat16
-    _star_fwd[(B * hkv, m_blocks, splits)](
+    _star_fwd[(B * hkv, plan["m_blocks"], splits)](
         q, k, v, k_cache, v_cache, req_to_token, meta.req_pool_indices, meta.prefix_lens,
         out, mid_o, mid_lse,
-        scale * LOG2E, hkv, T, chunk,
+        scale * LOG2E, hkv, T, plan["chunk"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         req_to_token.stride(0),
         out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        GROUP=group, HAS_ROOT=bool(meta.has_root), SINGLE_SPLIT=splits == 1,
+        GROUP=hq // hkv, HAS_ROOT=bool(meta.has_root), SINGLE_SPLIT=splits == 1,
         D=d, DV=dv, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST_DOT=upcast, PRECISION="ieee" if fp32 else None,
-        num_warps=num_warps, num_stages=num_stages or 2,
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=plan["block_m"],
+        BLOCK_N=plan["block_n"],
+        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if splits > 1:
         _star_merge[(B * T, hq)](

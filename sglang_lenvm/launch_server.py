@@ -110,6 +110,13 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     load_plugins()
     server_args = prepare_server_args(rest)
+    if config is not None:
+        from sglang_lenvm.runtime.compat import check_server_args
+
+        try:
+            check_server_args(server_args)
+        except ValueError as e:
+            sys.exit(f"sglang-lenvm: {e}")
     from sglang_lenvm import api
 
     api.install(config)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
-from helpers import Server  # noqa: E402
+from sglang_lenvm.server_process import Server  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -27,9 +27,11 @@ class ValueHead(nn.Module):
         self.summary = nn.Linear(hidden_size, 1, bias=True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [...] raw values z, computed in float32 (as served)."""
-        w = self.fc.weight
-        return self.summary(nn.functional.silu(self.fc(hidden.to(w.dtype)))).squeeze(-1)
+        """[..., H] -> [...] raw values z, computed in float32 (as served), also under a
+        bfloat16 autocast of the backbone."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h = hidden.to(self.fc.weight.dtype)
+            return self.summary(nn.functional.silu(self.fc(h))).squeeze(-1)
 
     def init_output(self, mean_p: float) -> None:
         """Start at the data's average value: zero output weights and bias = logit(mean p).

@@ -1,4 +1,4 @@
-"""Starting real sglang-lenvm servers for tests (one subprocess each, torn down afterwards)."""
+"""A real sglang-lenvm server in a subprocess, for tests and benchmarks (torn down by stop())."""
 
 from __future__ import annotations
 
@@ -24,12 +24,17 @@ def free_port() -> int:
 class Server:
     """`python -m sglang_lenvm.launch_server ARGS` on a free port."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None,
+                 module: str = "sglang_lenvm.launch_server", max_total_tokens: int = 16384):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "sglang_lenvm.launch_server", "--host", "127.0.0.1",
-               "--port", str(self.port), "--max-total-tokens", "16384", *args]
+        args = ["--max-total-tokens", str(max_total_tokens), *args]
+        if module != "sglang_lenvm.launch_server":  # plain SGLang: add what ours adds on a CPU
+            from sglang_lenvm.launch_server import cpu_defaults
+
+            args = cpu_defaults(args)
+        cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **(env or {})})
@@ -60,6 +65,12 @@ class Server:
 
     def get(self, path: str, timeout: float = 30) -> requests.Response:
         return requests.get(self.url + path, timeout=timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def stop(self):
         if self.proc.poll() is None:

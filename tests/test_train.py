@@ -1,0 +1,220 @@
+"""LenVM training: targets, loss aggregation, gamma, MRE, batching, the model split, a short run."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from sglang_lenvm.training import targets as T
+from sglang_lenvm.training.data import Example, collate, load_examples, split_by_prompt
+
+
+# ---- targets and loss on hand-computed examples ------------------------------------------
+
+def test_targets_hand_computed():
+    # L = 3, gamma = 0.5: G_t = -(1 - 0.5^(3-t)) for t = 0, 1, 2.
+    assert T.token_targets(3, 0.5).tolist() == [-0.875, -0.75, -0.5]
+    # A completion that is just EOS (L = 1): one state (the last prompt token), G_0 = -(1-g).
+    assert T.token_targets(1, 0.9).tolist() == pytest.approx([-0.1])
+    with pytest.raises(ValueError):
+        T.token_targets(0, 0.9)
+
+
+def _two_sequences():
+    """Lengths 1 and 3 (gamma 0.5), z = 0 everywhere, so every prediction is -0.5."""
+    targets = torch.tensor([[-0.5, 0.0, 0.0], [-0.875, -0.75, -0.5]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    return torch.zeros(2, 3), targets, mask
+
+
+def test_token_mean_differs_from_sequence_mean():
+    z, targets, mask = _two_sequences()
+    # Squared errors: seq A [0], seq B [0.140625, 0.0625, 0].
+    assert float(T.squared_error_sum(z, targets, mask)) == pytest.approx(0.203125)
+    # Token mean (eq. 9): all 4 supervised tokens weigh the same.
+    assert float(T.token_mean_mse(z, targets, mask)) == pytest.approx(0.203125 / 4)
+    # Sequence mean: (0/1 + 0.203125/3) / 2 -- the long sequence's tokens weigh 1/3 as much.
+    assert float(T.sequence_mean_mse(z, targets, mask)) == pytest.approx(0.203125 / 3 / 2)
+    assert float(T.token_mean_mse(z, targets, mask)) != pytest.approx(
+        float(T.sequence_mean_mse(z, targets, mask)))
+
+
+def test_padding_is_ignored():
+    z, targets, mask = _two_sequences()
+    z2 = z.clone()
+    z2[0, 1:] = 7.0  # junk at padded positions
+    assert float(T.token_mean_mse(z2, targets, mask)) == float(T.token_mean_mse(z, targets, mask))
+
+
+def test_prediction_is_minus_sigmoid():
+    assert T.prediction(torch.tensor([0.0, 100.0, -100.0])).tolist() == pytest.approx(
+        [-0.5, -1.0, 0.0])
+
+
+def test_default_gamma_covers_p99():
+    lengths = list(range(1, 101))
+    g = T.default_gamma(lengths)
+    l99 = T.percentile(lengths, 99)
+    assert l99 == pytest.approx(99.01)
+    assert 1 - g ** l99 == pytest.approx(0.99)
+    assert T.gamma_for_length(100, 0.99) == pytest.approx(0.01 ** (1 / 100))
+
+
+def test_ground_truth_length_and_mre():
+    assert T.ground_truth_length([10, 10], 0.9) == pytest.approx(10.0)
+    # lengths 1 and 3, gamma 0.5: mu = (0.5 + 0.875) / 2 = 0.6875, L_GT = ln(0.3125)/ln(0.5)
+    l_gt = math.log(0.3125) / math.log(0.5)
+    assert T.ground_truth_length([1, 3], 0.5) == pytest.approx(l_gt)
+    assert l_gt < 2.0  # the return-consistent horizon is not the mean length
+    mre = T.prompt_boundary_mre([2.0, 10.0], [[1, 3], [10, 10]], 0.5)
+    assert mre == pytest.approx(((2 - l_gt) / l_gt + 0.0) / 2)
+
+
+def test_length_from_p_inverts_targets():
+    g = 0.97
+    for L in (1, 5, 50, 300):
+        p = -T.token_targets(L, g)[0].double()
+        assert float(T.length_from_p(p, g)) == pytest.approx(L, rel=1e-4)
+
+
+# ---- data -----------------------------------------------------------------------------
+
+def test_collate_positions():
+    # prompt [5, 6, 7], completion of L = 3 tokens [8, 9, EOS]: inputs are prompt + [8, 9],
+    # states s_0..s_2 sit at positions 2, 3, 4.
+    ex = Example("p", [5, 6, 7, 8, 9], start=2, length=3)
+    short = Example("q", [5, 6], start=1, length=1)
+    b = collate([ex, short], [0, 1], gamma=0.5, pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]]
+    assert b.mask.tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert b.targets[0, 2:].tolist() == [-0.875, -0.75, -0.5]
+    assert b.targets[1, 1].item() == -0.5
+    assert b.n_tokens == 4
+
+
+def _record(pid, L, truncated=False, prompt=(1, 2, 3)):
+    return {"prompt_id": pid, "sample_index": 0, "messages": [{"role": "user", "content": "x"}],
+            "prompt_token_ids": list(prompt), "completion_token_ids": list(range(10, 10 + L)),
+            "completion_tokens": L, "finish_reason": "length" if truncated else "stop",
+            "truncated": truncated}
+
+
+def test_load_examples_skips_truncated_and_cuts(tmp_path):
+    path = tmp_path / "d.jsonl"
+    recs = [_record("a", 4), _record("b", 6, truncated=True), _record("c", 10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    exs, stats = load_examples([str(path)])
+    assert [e.prompt_id for e in exs] == ["a", "c"] and stats.truncated_skipped == 1
+    assert exs[0].input_ids == [1, 2, 3, 10, 11, 12] and exs[0].start == 2
+    exs, stats = load_examples([str(path)], include_truncated=True, max_seq_len=8)
+    assert len(exs) == 3 and stats.cut_to_max_len == 1
+    c = exs[2]
+    assert len(c.input_ids) == 8 and c.length == 10 and c.n_supervised == 6
+
+
+def test_split_by_prompt_keeps_prompts_whole():
+    exs = [Example(str(p), [1, 2], 1, 1) for p in range(20) for _ in range(3)]
+    train, val = split_by_prompt(exs, 0.25)
+    assert {e.prompt_id for e in train}.isdisjoint({e.prompt_id for e in val})
+    assert len({e.prompt_id for e in val}) == 5 and len(val) == 15
+
+
+# ---- model -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from sglang_lenvm import tiny_models as tm
+
+    root = tmp_path_factory.mktemp("train_models")
+    tm.build_tokenizer(root / "tok")
+    tm.build_causal_lm(root / "base", root / "tok", arch="llama", layers=3, seed=0)
+    return root / "base"
+
+
+def test_split_forward_matches_full_backbone(tiny_base):
+    from transformers import AutoModel
+
+    from sglang_lenvm.training.model import LenVMForTraining
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 9))
+    full = LenVMForTraining.from_base(str(tiny_base))
+    split = LenVMForTraining.from_base(str(tiny_base), train_last_layers=1)
+    split.v_head.load_state_dict(full.v_head.state_dict())
+    ref = AutoModel.from_pretrained(str(tiny_base)).eval()
+    with torch.no_grad():
+        want = full.v_head(ref(ids).last_hidden_state)
+        assert torch.allclose(full(ids), want, atol=1e-5)
+        assert torch.allclose(split(ids), want, atol=1e-5)
+        assert torch.allclose(split.forward_from_states(split.frozen_states(ids)), want, atol=1e-5)
+    # Right padding needs no mask: a sequence's values do not depend on what follows it.
+    with torch.no_grad():
+        assert torch.allclose(full(ids[:1, :5]), full(ids[:1])[:, :5], atol=1e-5)
+    trained = split.trained_state_dict()
+    assert "model.layers.2.mlp.up_proj.weight" in trained and "model.norm.weight" in trained
+    assert not any(k.startswith(("model.layers.0.", "model.layers.1.", "model.embed"))
+                   for k in trained)
+    assert {k for k in trained if k.startswith("v_head.")} == {
+        "v_head.fc.weight", "v_head.fc.bias", "v_head.summary.weight", "v_head.summary.bias"}
+
+
+def test_gradient_accumulation_equals_one_batch(tiny_base):
+    from sglang_lenvm.training.data import batches
+    from sglang_lenvm.training.loop import TrainConfig, accumulate_gradients
+    from sglang_lenvm.training.model import LenVMForTraining
+
+    rng = random.Random(0)
+    exs = [Example(str(i), [rng.randrange(3, 100) for _ in range(3 + L)], 3, L + 1)
+           for i, L in enumerate([1, 9, 2, 20])]
+    model = LenVMForTraining.from_base(str(tiny_base), train_last_layers=1)
+    cfg = TrainConfig()
+
+    def grads(batch_size):
+        model.zero_grad()
+        group = list(batches(exs, batch_size, 0.9, shuffle=False))
+        sse, n = accumulate_gradients(model, group, cfg)
+        return sse / n, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    loss_1, g_1 = grads(4)  # one batch of 4
+    loss_4, g_4 = grads(1)  # 4 micro-batches of 1, accumulated
+    assert loss_1 == pytest.approx(loss_4, rel=1e-5)
+    for a, b in zip(g_1, g_4):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_short_run_lowers_loss_and_saves_published_layout(tiny_base, tmp_path):
+    """A few epochs on synthetic data where length depends on the prompt: the loss falls
+    and the checkpoint validates as a LenVM with its gamma recorded."""
+    from sglang_lenvm import train as train_cli
+    from sglang_lenvm.checkpoint import check_same_tokenizer, inspect_checkpoint
+
+    rng = random.Random(1)
+    lines = []
+    for p in range(24):
+        prompt = [1, 5 + p % 2, 7]  # the token at index 1 decides short vs long
+        for s in range(3):
+            L = rng.randint(2, 6) if p % 2 == 0 else rng.randint(25, 35)
+            rec = _record(f"p{p}", L, prompt=prompt)
+            rec["sample_index"] = s
+            lines.append(json.dumps(rec) + "\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(lines))
+    out = tmp_path / "lenvm"
+    summary = train_cli.main(["--base", str(tiny_base), "--data", str(data), "--output",
+                              str(out), "--epochs", "6", "--batch-size", "8", "--grad-accum",
+                              "1", "--train-last-layers", "1", "--cache-frozen", "--lr", "3e-3",
+                              "--head-lr", "3e-3", "--val-fraction", "0.25", "--no-progress",
+                              "--save-trained-part", str(tmp_path / "part.safetensors")])
+    hist = summary["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert "mre" in hist[-1] and summary["train_data"]["used"] == 72
+    ckpt = inspect_checkpoint(str(out))
+    assert ckpt.gamma == pytest.approx(summary["gamma"]) and ckpt.head_source == \
+        "value_head.safetensors"
+    check_same_tokenizer(str(tiny_base), str(out))
+    meta = json.loads((tmp_path / "part.json").read_text())
+    assert meta["split_layer"] == 2 and "v_head.summary.bias" in meta["tensors"]
