@@ -32,8 +32,6 @@ def mask_stop_tokens(logits: torch.Tensor, stop_ids: torch.Tensor, rows: torch.T
     """
     ids = stop_ids.clamp_min(0)
     hit = (stop_ids >= 0) & rows[:, None]
-    if not bool(hit.any()):
-        return
     masked = logits.clone()
     masked.scatter_(1, ids, torch.where(hit, NEG_INF, masked.gather(1, ids)))
     still_finite = torch.isfinite(masked).any(dim=1, keepdim=True)

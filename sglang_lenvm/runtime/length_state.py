@@ -72,6 +72,7 @@ class LengthState:
     active: List[bool]  # row uses the LenVM at all (steers, or only reports values)
     steer: List[bool]  # row's sampling is changed by the LenVM
     want_values: List[bool]
+    modes: List[int]  # MODE_* per row, on the host too: decides which steps run at all
     num_candidates: int  # largest candidate count among steering rows (0: none steer)
     # --- device side, one row per request ---
     mode: torch.Tensor  # int64 MODE_*
@@ -118,6 +119,7 @@ class LengthState:
             active=[p.uses_lenvm for p, *_ in rows],
             steer=[p.steers for p, *_ in rows],
             want_values=[p.return_values for p, *_ in rows],
+            modes=[MODES.get(p.mode, MODE_NONE) for p, *_ in rows],
             num_candidates=max(k for _, k, *_ in rows),
             mode=dev([MODES.get(p.mode, MODE_NONE) for p, *_ in rows], torch.int64),
             target=dev([p.target or 0 for p, *_ in rows], torch.int64),
@@ -132,7 +134,8 @@ class LengthState:
     def empty(cls, n: int, device) -> "LengthState":
         z = torch.zeros(n, dtype=torch.int64, device=device)
         return cls(
-            active=[False] * n, steer=[False] * n, want_values=[False] * n, num_candidates=0,
+            active=[False] * n, steer=[False] * n, want_values=[False] * n,
+            modes=[MODE_NONE] * n, num_candidates=0,
             mode=z, target=z, beta=torch.zeros(n, dtype=torch.float32, device=device),
             prompt_len=z, top_k=z, greedy=torch.zeros(n, dtype=torch.bool, device=device),
             stop_ids=torch.full((n, 1), -1, dtype=torch.int64, device=device),
@@ -149,6 +152,7 @@ class LengthState:
             active=active,
             steer=steer,
             want_values=[self.want_values[i] for i in keep],
+            modes=[self.modes[i] for i in keep],
             # An upper bound is enough on the host; it shrinks to 0 when no row steers.
             num_candidates=self.num_candidates if any(steer) else 0,
             mode=self.mode[keep_device],
@@ -170,6 +174,7 @@ class LengthState:
             active=self.active + other.active,
             steer=self.steer + other.steer,
             want_values=self.want_values + other.want_values,
+            modes=self.modes + other.modes,
             num_candidates=max(self.num_candidates, other.num_candidates),
             mode=torch.cat([self.mode, other.mode]),
             target=torch.cat([self.target, other.target]),

@@ -69,17 +69,19 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
     cand = None
     steer = torch.tensor([state.steer[i] for i in active_rows], dtype=torch.bool).to(
         device, non_blocking=True)
+    host_modes = {state.modes[i] for i in active_rows if state.steer[i]}
     if K > 0:
         row_logits = logits[rows].float()
-        at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
-        mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
+        if MODE_AT_LEAST in host_modes:
+            at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
+            mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
         temps = sampling_info.temperatures.view(-1)[rows]
         cand = select_candidates(row_logits, temps, st.top_k, sampling_info.top_ps[rows],
                                  sampling_info.min_ps[rows], K)
         cand.valid &= steer.view(-1, 1)
         cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
-        at_most = (st.mode == MODE_AT_MOST) & steer
-        if bool(at_most.any()):
+        if MODE_AT_MOST in host_modes:
+            at_most = (st.mode == MODE_AT_MOST) & steer
             probs = torch.softmax(row_logits / temps.view(-1, 1), dim=-1)
             cand = _with_stop_candidate(
                 cand, lambda ids: probs.gather(1, ids.view(-1, 1)).view(-1), st.stop_ids[:, 0],
