@@ -104,7 +104,7 @@ def claimed_remaining(token_id: int, eos_id: int) -> int:
 
 
 def build_oracle_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
-                       gamma: float = 0.9, head_placement: str = "shards"):
+                       gamma: float = 0.9, head_placement: str = "shards", arch: str = "qwen2"):
     """A LenVM whose value is a known function of the prefix: of its last token only.
 
     The backbone's attention and MLP outputs are zeroed (o_proj, down_proj = 0), so the final
@@ -118,9 +118,8 @@ def build_oracle_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     vocab = len(tok)
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
     hidden = max(64, vocab)
-    head = {}
-    build_lenvm(out_dir, tokenizer_dir, head_placement="none", hidden=hidden, layers=2, heads=4,
-                kv_heads=2, gamma=gamma)
+    build_lenvm(out_dir, tokenizer_dir, head_placement="none", arch=arch, hidden=hidden, layers=2,
+                heads=4, kv_heads=2, gamma=gamma)
     from safetensors.torch import load_file, save_file
 
     shard = Path(out_dir) / "model.safetensors"

@@ -14,17 +14,19 @@ from sglang_lenvm.server_process import Server  # noqa: E402
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """Tiny random checkpoints: a BPE pair (base + LenVM, head in value_head.safetensors) and a
-    character-vocabulary pair (base + oracle LenVM with its head inside the shards)."""
+    """Tiny random checkpoints: a BPE pair (Qwen2 base + Llama LenVM, head in
+    value_head.safetensors) and a character-vocabulary pair (Qwen2 base + Qwen3 oracle LenVM
+    with its head inside the shards). LenVM and base only need to share the tokenizer."""
     from sglang_lenvm import tiny_models as tm
 
     root = tmp_path_factory.mktemp("models")
     tm.build_tokenizer(root / "tok")
     tm.build_causal_lm(root / "base", root / "tok", seed=0)
-    tm.build_lenvm(root / "lenvm", root / "tok", head_placement="file", seed=3)
+    tm.build_lenvm(root / "lenvm", root / "tok", head_placement="file", arch="llama", seed=3)
     tm.build_char_tokenizer(root / "ctok")
     tm.build_causal_lm(root / "cbase", root / "ctok", seed=5)
-    tm.build_oracle_lenvm(root / "oracle", root / "ctok", gamma=0.9, head_placement="shards")
+    tm.build_oracle_lenvm(root / "oracle", root / "ctok", gamma=0.9, head_placement="shards",
+                          arch="qwen3")
     return root
 
 
