@@ -212,8 +212,11 @@ class LengthFieldsMiddleware:
         raw = b"".join(chunks)
         try:
             body = json.loads(raw) if raw else None
+            is_json = True
         except ValueError:
-            body = None
+            body, is_json = None, False  # not JSON at all: SGLang answers it (400)
+        if raw and is_json and not isinstance(body, dict):
+            return await _send_error(send, "request body must be a JSON object", "body")
         if isinstance(body, dict):
             try:
                 body = rewrite_body(scope["path"], body, lenvm_loaded=_config is not None,

@@ -1,10 +1,16 @@
-"""LenVM counters and pool occupancy, reported in /server_info and GET /lenvm/stats."""
+"""LenVM counters and pool occupancy, reported in /server_info and GET /lenvm/stats.
+
+The LenVM allocates no KV slots of its own: its pool is indexed by SGLang's shared allocator
+and slot table, so "idle" for the LenVM is exactly SGLang's idle state: every slot either free
+or held (evictable, unlocked) by the radix cache, and no request running or waiting.
+"""
 
 from __future__ import annotations
 
 
 def worker_stats(worker, scheduler) -> dict:
     allocator = worker.target.token_to_kv_pool_allocator
+    cache = scheduler.tree_cache
     return {
         "lenvm_path": worker.config.lenvm_path,
         "gamma": worker.gamma,
@@ -12,8 +18,9 @@ def worker_stats(worker, scheduler) -> dict:
         **worker.stats,
         "kv_pool_tokens": int(worker.runner.max_total_num_tokens),
         "kv_bytes_per_token": worker.kv_bytes_per_token(),
-        # The LenVM shares SGLang's allocator, so its free slots are SGLang's.
         "free_slots": int(allocator.available_size()),
-        "evictable_slots": int(scheduler.tree_cache.evictable_size()),
+        "evictable_slots": int(cache.evictable_size()),
+        "protected_slots": int(cache.protected_size()),
         "running_requests": len(scheduler.running_batch.reqs),
+        "waiting_requests": len(scheduler.waiting_queue),
     }

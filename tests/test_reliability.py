@@ -1,0 +1,102 @@
+"""Aborts, disconnects and hostile input leave the server serving and its pools idle."""
+
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "Tell me a very long story about the sea and ships."}]
+
+
+def stats(server):
+    return server.get("/lenvm/stats").json()[0]
+
+
+def wait_idle(server, timeout=60):
+    """No request running or waiting, and every slot free or held unlocked by the cache."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = stats(server)
+        if (s["running_requests"] == 0 and s["waiting_requests"] == 0 and s["protected_slots"] == 0
+                and s["free_slots"] + s["evictable_slots"] == s["kv_pool_tokens"]):
+            return s
+        time.sleep(0.5)
+    raise AssertionError(f"not idle after {timeout}s: {stats(server)}")
+
+
+def guided(max_tokens=400, **extra):
+    return {"model": "m", "messages": MSG, "max_tokens": max_tokens, "length_target": 300,
+            "length_mode": "at_least", "return_length_values": True, **extra}
+
+
+def test_disconnect_mid_stream(server):
+    wait_idle(server)
+    for _ in range(3):
+        with requests.post(server.url + CHAT, json={**guided(), "stream": True}, stream=True,
+                           timeout=60) as r:
+            for i, line in enumerate(r.iter_lines()):
+                if i > 5:
+                    break  # hang up while the request is decoding
+    wait_idle(server)
+    assert server.post(CHAT, {"model": "m", "messages": MSG, "max_tokens": 4,
+                              "length_target": 3}).status_code == 200
+
+
+def test_abort_while_queued_prefilling_and_decoding(server):
+    wait_idle(server)
+    long_prompt = "word " * 600  # several prefill chunks (the test server chunks at 64 tokens)
+    rids = [f"abort-{uuid.uuid4().hex}" for _ in range(12)]
+    bodies = [{"text": long_prompt if i % 2 else "Tell a story", "rid": rid,
+               "sampling_params": {"max_new_tokens": 300, "length_target": 250,
+                                   "length_mode": "at_least", "return_length_values": True}}
+              for i, rid in enumerate(rids)]
+    results = {}
+
+    def send(body):
+        r = requests.post(server.url + "/generate", json=body, timeout=120)
+        results[body["rid"]] = r.status_code
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for i, rid in enumerate(rids):  # staggered: some queued, some prefilling, some decoding
+        time.sleep(0.05 * i)
+        requests.post(server.url + "/abort_request", json={"rid": rid}, timeout=30)
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == len(rids)
+    wait_idle(server)
+
+
+def test_requests_hitting_max_tokens_and_flush(server):
+    wait_idle(server)
+    with ThreadPoolExecutor(6) as ex:
+        outs = list(ex.map(lambda i: server.post(CHAT, {
+            "model": "m", "messages": MSG, "max_tokens": 20 + i, "beta": 5.0, "ignore_eos": True,
+            "return_length_values": True}).json(), range(6)))
+    for i, o in enumerate(outs):
+        assert o["choices"][0]["finish_reason"] == "length"
+        assert o["usage"]["completion_tokens"] == 20 + i
+    s = wait_idle(server)
+    assert s["evictable_slots"] > 0  # finished requests' KV stays in the radix cache
+    assert requests.post(server.url + "/flush_cache", timeout=30).status_code == 200
+    s = wait_idle(server)
+    assert s["free_slots"] == s["kv_pool_tokens"]
+
+
+def test_malformed_bodies_never_500(server):
+    cases = [b"{", b"[]", b"null", b'{"messages": 5}', json.dumps({"model": "m", "messages": MSG,
+             "length_target": [1, 2]}).encode(), json.dumps({"model": "m", "messages": MSG,
+             "beta": {"x": 1}}).encode(), b'{"model": "m", "prompt": "x", "beta": NaN}',
+             json.dumps({"model": "m", "messages": [], "length_target": 5}).encode()]
+    for path in (CHAT, "/v1/completions", "/generate"):
+        for body in cases:
+            r = requests.post(server.url + path, data=body,
+                              headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code < 500, (path, body, r.status_code, r.text)
+    assert server.post(CHAT, {"model": "m", "messages": MSG, "max_tokens": 3}).status_code == 200
