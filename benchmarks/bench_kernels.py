@@ -79,8 +79,6 @@ def parse_args(argv):
     if args.smoke:
         args.batches, args.prefixes, args.ks = [2], [40], [3]
         args.step_batch, args.step_k, args.step_prefixes = 2, 3, [24]
-        if args.decode_attn == "auto":
-            args.decode_attn = "star"
     return args
 
 
@@ -185,7 +183,7 @@ def bench_star(args, bench, shape, peak, overrides_list=None):
                     err = (got.float() - want.float()).abs().max().item()
                     t_ms = bench.time_ms(lambda: sa.star_attention_triton(
                         q, k, v, kc, vc, req_to_token, meta, scale, **ov))
-                    plan = sa.launch_plan(B, T, hq, hkv, P, dtype, dev, **ov)
+                    plan = sa.launch_plan(B, T, hq, hkv, d, d, P, dtype, dev, **ov)
                     rows.append(_row(bytes_moved, t_ms, ref_ms, peak, batch=B, prefix=P, k=K,
                                      splits=plan["splits"], block_n=plan["block_n"],
                                      num_stages=plan["num_stages"], max_err=err))
@@ -481,8 +479,8 @@ def bench_step(args, bench, shape, gamma):
             kc[root_slots], vc[root_slots] = k, v
             return decode_kernel(q, kc, vc, scale)
 
-        def decode_step():
-            attn = decode_attention if decode_kernel else star_attention(star_attention_triton, 1)
+        def decode_step(use_sglang=decode_kernel is not None):
+            attn = decode_attention if use_sglang else star_attention(star_attention_triton, 1)
             hidden = model.forward(input_ids, prefix, attn)
             return torch.sigmoid(head(hidden))
 
@@ -490,11 +488,15 @@ def bench_step(args, bench, shape, gamma):
             p_tri, _ = scoring_step(True)
             p_ref, _ = scoring_step(False)
             err = (p_tri - p_ref).abs().max().item()
+            # the two decode attentions agree (a check of how the baseline is called)
+            decode_err = ((decode_step(True) - decode_step(False)).abs().max().item()
+                          if decode_kernel else None)
             if bench.smoke:
                 assert err < 1e-4, f"scoring step: triton and torch values differ by {err}"
+                assert decode_err is None or decode_err < 1e-4, decode_err
             row = dict(batch=B, k=K, prefix=P, layers=shape.layers, max_err_p=err,
                        decode_attention="sglang triton decode" if decode_kernel
-                       else "star kernel, tree of 1")
+                       else "star kernel, tree of 1", decode_max_err_p=decode_err)
             for name, fn in [("scoring_triton", lambda: scoring_step(True)),
                              ("scoring_torch", None if args.no_reference
                               else lambda: scoring_step(False)),

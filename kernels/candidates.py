@@ -145,6 +145,7 @@ def select_candidates_triton(logits: torch.Tensor, temperature: torch.Tensor,
     dev = logits.device
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     temperature = temperature.reshape(-1)
+    top_k, top_p, min_p = top_k.contiguous(), top_p.contiguous(), min_p.contiguous()
     ids = torch.empty((B, k), dtype=torch.int64, device=dev)
     base = torch.empty((B, k), dtype=torch.float32, device=dev)
     valid = torch.empty((B, k), dtype=torch.bool, device=dev)

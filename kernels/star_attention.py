@@ -11,11 +11,13 @@ Design
   KV head (row = t * group + g), so every prefix K/V tile it gathers through `req_to_token` feeds
   all T * group queries with one tensor-core dot: the prefix is read once per request and KV head,
   not once per candidate. T * group is 96 for a Qwen2.5-1.5B LenVM at K = 15, so the dots are
-  well shaped; rows beyond 128 go to a second m-block (which re-reads the prefix, mostly from L2).
+  well shaped; rows beyond 128 (64 in float32) go to a second m-block, which re-reads the prefix.
 - Long prefixes are split over programs (split-K, "flash decoding") so that small batches still
-  fill the GPU. Each split keeps an online softmax (exp2 domain) and writes its normalised partial
-  output plus log-sum-exp; kernel 2 (`_star_merge`, grid (B*T, Hq)) merges the splits. With one
-  split (large batches / short prefixes) kernel 1 writes the final output and kernel 2 is skipped.
+  fill the GPU; how many splits comes from a small cost model (`plan_splits`) that weighs wave
+  quantisation against the extra traffic of the partials. Each split keeps an online softmax
+  (exp2 domain) and writes its normalised partial output plus log-sum-exp; kernel 2
+  (`_star_merge`, grid (B*T, Hq)) merges the splits. With one split (large batches / short
+  prefixes) kernel 1 writes the final output and kernel 2 is skipped.
 - The tree keys (the root's and the row's own K/V, which are not in the cache) are folded into
   the online softmax of split 0 before its prefix loop. They differ per query row, so they are
   row-wise dot products (a [rows, D] gather of the tree K/V), not a matmul.
@@ -30,6 +32,7 @@ beyond accumulation order). Compiled kernels keep the bfloat16 tensor-core path.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -39,12 +42,12 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Split heuristic (host side, from the host-known max prefix, so no device sync): aim for about
-# TARGET_WAVES programs per SM, but never make a split shorter than MIN_SPLIT_TOKENS: every split
-# writes and re-reads a float32 partial of (rows x Dv), which must stay small next to the prefix
-# K/V the split reads. Untuned: `benchmarks.bench_kernels --star-splits` measures alternatives.
-TARGET_WAVES = 2
-MIN_SPLIT_TOKENS = 512
+# Split heuristic (host side, from the host-known max prefix: no device sync). A split costs
+# its share of the prefix K/V plus a float32 partial of (rows x Dv) written and read back by the
+# merge; programs run in waves of (SMs x CTAs per SM). `plan_splits` picks the split count with
+# the least modelled time (waves x bytes per program). Untuned on hardware:
+# `benchmarks.bench_kernels --kernels tune` measures the alternatives.
+MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 64
 MAX_BLOCK_M = 128
 _DEFAULT_SMS = 132  # H100 SXM; only used when there is no CUDA device (the interpreter)
@@ -54,6 +57,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -188,17 +192,25 @@ def _star_merge(
              mask=offs_dv < DV)
 
 
-def plan_splits(max_prefix_len: int, programs: int, device: torch.device) -> int:
-    """How many prefix splits: enough programs for TARGET_WAVES per SM, splits >= MIN_SPLIT_TOKENS."""
+def plan_splits(max_prefix_len: int, programs: int, partial_bytes: int, kv_bytes_per_token: int,
+                ctas_per_sm: int, device: torch.device) -> int:
+    """Prefix splits per (request, KV head, row block) program, by a small cost model."""
     if max_prefix_len <= 0:
         return 1
-    want = triton.cdiv(TARGET_WAVES * _sm_count(device), max(programs, 1))
-    by_len = triton.cdiv(max_prefix_len, MIN_SPLIT_TOKENS)
-    return max(1, min(want, by_len, MAX_SPLITS))
+    slots = _sm_count(device) * ctas_per_sm
+    best_cost, best = None, 1
+    for splits in range(1, min(MAX_SPLITS, triton.cdiv(max_prefix_len, MIN_SPLIT_TOKENS)) + 1):
+        waves = triton.cdiv(programs * splits, slots)
+        per_program = (triton.cdiv(max_prefix_len, splits) * kv_bytes_per_token
+                       + (partial_bytes if splits > 1 else 0))
+        if best_cost is None or waves * per_program < best_cost:
+            best_cost, best = waves * per_program, splits
+    return best
 
 
-def launch_plan(batch: int, tree_size: int, hq: int, hkv: int, max_prefix_len: int,
-                dtype: torch.dtype, device: torch.device, *, num_splits: Optional[int] = None,
+def launch_plan(batch: int, tree_size: int, hq: int, hkv: int, d: int, dv: int,
+                max_prefix_len: int, dtype: torch.dtype, device: torch.device, *,
+                num_splits: Optional[int] = None,
                 block_n: Optional[int] = None, num_warps: Optional[int] = None,
                 num_stages: Optional[int] = None) -> dict:
     """Tile sizes, splits and warps for one call (host ints only: no device sync)."""
@@ -209,7 +221,14 @@ def launch_plan(batch: int, tree_size: int, hq: int, hkv: int, max_prefix_len: i
                           triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
     block_n = block_n or (16 if fp32 else 64)
-    splits = num_splits or plan_splits(max_prefix_len, batch * hkv * m_blocks, device)
+    if not num_splits:
+        # 128-row blocks hold ~155 registers x 256 threads: one CTA per SM; smaller ones fit two
+        num_splits = plan_splits(
+            max_prefix_len, batch * hkv * m_blocks,
+            partial_bytes=2 * min(rows, block_m) * dv * 4,
+            kv_bytes_per_token=(d + dv) * dtype.itemsize,
+            ctas_per_sm=1 if block_m >= 128 else 2, device=device)
+    splits = num_splits
     chunk = triton.cdiv(triton.cdiv(max(max_prefix_len, 1), splits), block_n) * block_n
     return dict(block_m=block_m, m_blocks=m_blocks, block_n=block_n, chunk=chunk,
                 splits=max(1, triton.cdiv(max_prefix_len, chunk)),
@@ -236,7 +255,8 @@ def star_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((B * T, hq, dv), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    plan = launch_plan(B, T, hq, hkv, int(meta.max_prefix_len), q.dtype, q.device, **overrides)
+    plan = launch_plan(B, T, hq, hkv, d, dv, int(meta.max_prefix_len), q.dtype, q.device,
+                       **overrides)
     splits = plan["splits"]
     if splits > 1:
         mid_o = torch.empty((B * T, hq, splits, dv), dtype=torch.float32, device=q.device)
@@ -245,7 +265,8 @@ def star_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mid_o, mid_lse = out.unsqueeze(2), out[:, :, 0]
 
     _star_fwd[(B * hkv, plan["m_blocks"], splits)](
-        q, k, v, k_cache, v_cache, req_to_token, meta.req_pool_indices, meta.prefix_lens,
+        q, k, v, k_cache, v_cache, req_to_token, meta.req_pool_indices.contiguous(),
+        meta.prefix_lens.contiguous(),
         out, mid_o, mid_lse,
         scale * LOG2E, hkv, T, plan["chunk"],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -27,23 +27,16 @@ candidate slot j at t = has_root + j. Mode codes are those of `length_state` (0 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from sglang_lenvm.runtime.decision import Candidates, HeadDecision, decide_from_values
+
 # The kernel spells the mode codes of sglang_lenvm.runtime.length_state as literals:
 MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST = 1, 2, 3
-
-
-@dataclasses.dataclass
-class HeadDecision:
-    p_all: torch.Tensor  # [B, T] float32 sigmoid(z) of every tree row (root included), raw
-    p_cand: torch.Tensor  # [B, K] float32 candidate values: stop tokens 0, NaN -> 0
-    q: torch.Tensor  # [B, K] float32 distribution over the candidate slots (one-hot if chosen)
-    cand_ok: torch.Tensor  # [B] bool: every valid candidate had a finite value
 
 
 @triton.jit
@@ -220,10 +213,13 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         return HeadDecision(p_all, p_cand, q, cand_ok)
     stop_ids = stop_ids if stop_ids.numel() else torch.full((B, 1), -1, dtype=torch.int64,
                                                              device=dev)
-    base_prob = base_prob.float()
+    # the kernel indexes rows by stride and elements contiguously (no-ops for the scorer's tensors)
+    ids, base_prob, valid, stop_ids, mode, target, generated, beta, greedy = (
+        x.contiguous() for x in (ids, base_prob.float(), valid, stop_ids, mode, target,
+                                 generated, beta.float(), greedy))
     _decision_kernel[(B,)](
         zpart, summary_bias.reshape(-1).float(), ids, base_prob, valid, stop_ids, mode, target,
-        generated, beta.float(), greedy, p_all, p_cand, q, cand_ok,
+        generated, beta, greedy, p_all, p_cand, q, cand_ok,
         zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma),
         zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),
@@ -237,17 +233,12 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
 def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                   ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
                                   generated, beta, greedy, gamma: float) -> HeadDecision:
-    """The torch path the scorer runs today (ValueHead, sigmoid, force_stop_value, decide)."""
-    from sglang_lenvm.runtime.decision import Candidates, decide, force_stop_value
-
+    """The torch path of the scorer: ValueHead math, sigmoid, then `decide_from_values`."""
     B, K = ids.shape
     fc = torch.nn.functional.linear(hidden.float(), fc_weight, fc_bias)
     z = torch.nn.functional.linear(torch.nn.functional.silu(fc), summary_weight.view(1, -1),
                                    summary_bias.view(-1)).squeeze(-1)
     p_all = torch.sigmoid(z).view(B, K + int(has_root))
-    p_cand = force_stop_value(p_all[:, int(has_root):], ids, stop_ids)
-    cand_ok = torch.where(valid, torch.isfinite(p_cand), torch.ones_like(valid)).all(1)
-    p_cand = torch.nan_to_num(p_cand, nan=0.0)
-    q = decide(Candidates(ids=ids, base_prob=base_prob, valid=valid), p_cand, mode=mode,
-               target=target, generated=generated, beta=beta, greedy=greedy, gamma=gamma)
-    return HeadDecision(p_all, p_cand, q, cand_ok)
+    return decide_from_values(p_all, Candidates(ids=ids, base_prob=base_prob, valid=valid),
+                              stop_ids, has_root=has_root, mode=mode, target=target,
+                              generated=generated, beta=beta, greedy=greedy, gamma=gamma)

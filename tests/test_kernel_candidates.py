@@ -24,7 +24,8 @@ def test_interpreter_subprocess():
                            "-W", "ignore::UserWarning"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and " passed" in proc.stdout, (
+        proc.stdout[-6000:] + proc.stderr[-3000:])
 
 
 def _compare(logits, temp, top_k, top_p, min_p, k_max):

@@ -27,7 +27,8 @@ def test_interpreter_subprocess():
                            "-W", "ignore::UserWarning"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and " passed" in proc.stdout, (
+        proc.stdout[-6000:] + proc.stderr[-3000:])
 
 
 def _case(B, K, hq, hkv, d, prefix, has_root, dtype, seed=0, fused_qkv=False):
@@ -123,13 +124,15 @@ def test_fp16_group_8():
     _check(args, atol=3e-3, num_splits=2)
 
 
-@needs_device
-def test_plan_splits_fills_the_gpu_but_keeps_splits_long():
-    from sglang_lenvm.kernels import star_attention as sa
+def test_plan_splits_trades_waves_against_partials():
+    from sglang_lenvm.kernels.star_attention import plan_splits
 
-    dev = torch.device("cpu")  # 132 SMs assumed off-GPU
-    assert sa.plan_splits(0, 64, dev) == 1
-    assert sa.plan_splits(300, 1, dev) == 1  # shorter than one split
-    assert sa.plan_splits(4096, 64, dev) == 5  # batch 32 x 2 kv heads: ~2 waves
-    assert sa.plan_splits(4096, 2, dev) == 8  # batch 1: as many as 512-token splits allow
-    assert sa.plan_splits(16384, 128, dev) == 3
+    cpu = torch.device("cpu")  # 132 SMs (an H100) assumed off-GPU
+    # Qwen2.5-1.5B at K = 15: 96 query rows per program, bf16 K+V of 512 bytes per token
+    kw = dict(partial_bytes=2 * 96 * 128 * 4, kv_bytes_per_token=512, ctas_per_sm=1, device=cpu)
+    assert plan_splits(0, 64, **kw) == 1
+    assert plan_splits(200, 1, **kw) == 1  # shorter than one split
+    assert plan_splits(4096, 64, **kw) == 2  # batch 32: 128 programs, one full wave
+    assert plan_splits(4096, 2, **kw) == 16  # batch 1: as many 256-token splits as allowed
+    assert plan_splits(16384, 16, **kw) == 8  # batch 8: 128 programs
+    assert plan_splits(16384, 128, **kw) == 1  # batch 64 fills the GPU on its own

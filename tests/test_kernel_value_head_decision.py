@@ -18,6 +18,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 needs_device = pytest.mark.skipif(DEVICE is None, reason="no CUDA: runs in the interpreter child")
 GAMMA = 0.99
+# On a GPU the fc GEMM runs in 3xTF32 (about float32 accuracy, not bit-equal to torch's SGEMM)
+P_ATOL, Q_ATOL, Z_ATOL = (1e-5, 1e-4, 1e-4) if DEVICE == "cuda" else (2e-6, 1e-5, 2e-5)
 NONE, EQUAL, AT_MOST, AT_LEAST = 0, 1, 2, 3
 
 
@@ -28,7 +30,8 @@ def test_interpreter_subprocess():
                            "-W", "ignore::UserWarning"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and " passed" in proc.stdout, (
+        proc.stdout[-6000:] + proc.stderr[-3000:])
 
 
 def test_mode_codes_match_length_state():
@@ -60,11 +63,11 @@ def _run_both(hidden, head, **kw):
     return got, want
 
 
-def _compare(got, want, q_atol=1e-5):
-    assert torch.allclose(got.p_all.cpu(), want.p_all, atol=2e-6, equal_nan=True)
-    assert torch.allclose(got.p_cand.cpu(), want.p_cand, atol=2e-6)
+def _compare(got, want):
+    assert torch.allclose(got.p_all.cpu(), want.p_all, atol=P_ATOL, equal_nan=True)
+    assert torch.allclose(got.p_cand.cpu(), want.p_cand, atol=P_ATOL)
     assert torch.equal(got.cand_ok.cpu(), want.cand_ok)
-    assert torch.allclose(got.q.cpu(), want.q, atol=q_atol, equal_nan=True), (got.q, want.q)
+    assert torch.allclose(got.q.cpu(), want.q, atol=Q_ATOL, equal_nan=True), (got.q, want.q)
 
 
 def _lengths(p):
@@ -177,4 +180,4 @@ def test_value_head_only_matches_reference_z():
         torch.nn.functional.silu(torch.nn.functional.linear(hidden.float(), W, b)), ws, bs
     ).squeeze(-1)
     got = value_head_triton(*(x.to(DEVICE) for x in (hidden, W, b, ws, bs)))
-    assert got.shape == (37,) and torch.allclose(got.cpu(), want, atol=2e-5)
+    assert got.shape == (37,) and torch.allclose(got.cpu(), want, atol=Z_ATOL)

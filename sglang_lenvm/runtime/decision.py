@@ -118,6 +118,29 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     return torch.where(greedy.view(-1, 1), greedy_pick, q)
 
 
+@dataclasses.dataclass
+class HeadDecision:
+    p_all: torch.Tensor  # [B, T] sigmoid(z) of every tree row (root included), raw
+    p_cand: torch.Tensor  # [B, K] candidate values: stop tokens 0, NaN -> 0
+    q: torch.Tensor  # [B, K] distribution over the candidate slots (one-hot if chosen)
+    cand_ok: torch.Tensor  # [B] bool: every valid candidate had a finite value
+
+
+def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Tensor, *,
+                       has_root: bool, mode, target, generated, beta, greedy,
+                       gamma: float) -> HeadDecision:
+    """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
+
+    `sglang_lenvm.kernels.value_head_decision` fuses this with the value head on GPU.
+    """
+    p_cand = force_stop_value(p_all[:, int(has_root):], cand.ids, stop_ids)
+    cand_ok = torch.where(cand.valid, torch.isfinite(p_cand), torch.ones_like(cand.valid)).all(1)
+    p_cand = torch.nan_to_num(p_cand, nan=0.0)
+    q = decide(cand, p_cand, mode=mode, target=target, generated=generated, beta=beta,
+               greedy=greedy, gamma=gamma)
+    return HeadDecision(p_all, p_cand, q, cand_ok)
+
+
 def distribution_to_logits(q: torch.Tensor, ids: torch.Tensor, vocab: int,
                            temperature: torch.Tensor) -> torch.Tensor:
     """Logits over the vocabulary that make SGLang's sampler draw from q.

@@ -1,7 +1,9 @@
 """One guided sampling step for the whole batch: candidates -> star forward -> decision.
 
 Called from the base model's sampling path after SGLang's own logit processing (logit bias,
-grammar mask, penalties), so candidates respect all of them. The decision is handed back to
+grammar mask, penalties), so candidates respect all of them. One interface, two
+implementations: plain torch on CPU (decision.py, star_attention.py) and the Triton kernels
+of `sglang_lenvm.kernels` on GPU (candidates, star attention, fused value head + decision). The decision is handed back to
 SGLang's sampler as logits: -inf outside the chosen distribution, log-probabilities times the
 row's temperature inside it (the sampler divides by the temperature again), with the row's
 top-k/top-p/min-p neutralized because the truncation already happened here. Rows that do not
@@ -17,9 +19,9 @@ import torch
 
 from sglang_lenvm.runtime.decision import (
     Candidates,
-    decide,
+    HeadDecision,
+    decide_from_values,
     distribution_to_logits,
-    force_stop_value,
     mask_stop_tokens,
     select_candidates,
 )
@@ -70,31 +72,27 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
     steer = torch.tensor([state.steer[i] for i in active_rows], dtype=torch.bool).to(
         device, non_blocking=True)
     host_modes = {state.modes[i] for i in active_rows if state.steer[i]}
+    temps = sampling_info.temperatures.view(-1)[rows]
     if K > 0:
         row_logits = logits[rows].float()
         if MODE_AT_LEAST in host_modes:
             at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
             mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
-        temps = sampling_info.temperatures.view(-1)[rows]
-        cand = select_candidates(row_logits, temps, st.top_k, sampling_info.top_ps[rows],
-                                 sampling_info.min_ps[rows], K)
+        cand, probs_of = _candidates(worker, row_logits, temps, st, sampling_info, rows, K)
         cand.valid &= steer.view(-1, 1)
         cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
         if MODE_AT_MOST in host_modes:
             at_most = (st.mode == MODE_AT_MOST) & steer
-            probs = torch.softmax(row_logits / temps.view(-1, 1), dim=-1)
-            cand = _with_stop_candidate(
-                cand, lambda ids: probs.gather(1, ids.view(-1, 1)).view(-1), st.stop_ids[:, 0],
-                at_most)
+            cand = _with_stop_candidate(cand, probs_of, st.stop_ids[:, 0], at_most)
         K = cand.ids.shape[1]
 
     # The star trees: [root] + candidates. Decode roots are the step's input tokens, written
     # to their own KV slots (the mirror); prefill rows were mirrored after the base forward.
     R = 1 if is_decode else 0
     T = R + K
+    decision = None
     if T == 0:
         p_state = torch.sigmoid(forward_batch.lenvm_last_z[rows])
-        p_cand = None
     else:
         parts, pos = [], []
         prefix = seq_lens - R
@@ -112,22 +110,20 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
             has_root=bool(R),
             root_slots=forward_batch.out_cache_loc[rows] if R else None,
         )
-        p = torch.sigmoid(worker.star(torch.cat(parts, 1), torch.cat(pos, 1), meta))
-        p_state = p[:, 0] if R else torch.sigmoid(forward_batch.lenvm_last_z[rows])
-        p_cand = p[:, R:] if K else None
+        tokens, positions = torch.cat(parts, 1), torch.cat(pos, 1)
+        if K:
+            decision = _values_and_decision(worker, tokens, positions, meta, cand, st, generated)
+            p_all = decision.p_all
+        else:
+            p_all = torch.sigmoid(worker.star(tokens, positions, meta))
+        p_state = p_all[:, 0] if R else torch.sigmoid(forward_batch.lenvm_last_z[rows])
 
     ok = torch.isfinite(p_state)
-    if p_cand is not None:
-        p_cand = force_stop_value(p_cand, cand.ids, st.stop_ids)
-        finite = torch.where(cand.valid, torch.isfinite(p_cand), torch.ones_like(cand.valid))
-        ok = ok & finite.all(1)
-        p_cand = torch.nan_to_num(p_cand, nan=0.0)
-        q = decide(cand, p_cand, mode=st.mode, target=st.target, generated=generated,
-                   beta=st.beta, greedy=st.greedy, gamma=worker.gamma)
-        temps = sampling_info.temperatures.view(-1)[rows]
-        new = distribution_to_logits(q, cand.ids, logits.shape[1], temps).to(logits.dtype)
+    if decision is not None:
+        ok = ok & decision.cand_ok
+        new = distribution_to_logits(decision.q, cand.ids, logits.shape[1], temps)
         use = steer & ok
-        logits[rows] = torch.where(use.view(-1, 1), new, logits[rows])
+        logits[rows] = torch.where(use.view(-1, 1), new.to(logits.dtype), logits[rows])
         _neutralize_truncation(sampling_info, rows, use & ~st.greedy)
 
     forward_batch.lenvm_output = LenVMDeviceOutput(
@@ -136,9 +132,39 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
         p_state=p_state.float(),
         ok=ok,
         gamma=worker.gamma,
-        cand_ids=cand.ids if p_cand is not None else None,
-        p_cand=p_cand,
+        cand_ids=cand.ids if decision is not None else None,
+        p_cand=decision.p_cand if decision is not None else None,
     )
+
+
+def _candidates(worker, row_logits, temps, st, sampling_info, rows, K):
+    """Candidates of the steering rows, and a lookup of any token's base probability."""
+    args = (row_logits, temps, st.top_k, sampling_info.top_ps[rows], sampling_info.min_ps[rows], K)
+    if worker.use_kernels:
+        from sglang_lenvm.kernels.candidates import select_candidates_triton
+
+        cand, lse = select_candidates_triton(*args, return_lse=True)
+        return cand, lambda ids: torch.exp(
+            row_logits.gather(1, ids.view(-1, 1)).view(-1) / temps - lse)
+    cand = select_candidates(*args)
+    return cand, lambda ids: torch.softmax(row_logits / temps.view(-1, 1), dim=-1).gather(
+        1, ids.view(-1, 1)).view(-1)
+
+
+def _values_and_decision(worker, tokens, positions, meta, cand, st, generated) -> HeadDecision:
+    """One LenVM star forward, the value head and the decision (fused Triton on GPU)."""
+    kw = dict(has_root=meta.has_root, mode=st.mode, target=st.target, generated=generated,
+              beta=st.beta, greedy=st.greedy, gamma=worker.gamma)
+    if worker.use_kernels:
+        from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
+
+        head = worker.model.v_head
+        return value_head_decision_triton(
+            worker.star_hidden(tokens, positions, meta), head.fc.weight, head.fc.bias,
+            head.summary.weight, head.summary.bias, ids=cand.ids, base_prob=cand.base_prob,
+            valid=cand.valid, stop_ids=st.stop_ids, **kw)
+    p_all = torch.sigmoid(worker.star(tokens, positions, meta))
+    return decide_from_values(p_all, cand, st.stop_ids, **kw)
 
 
 def _host_max(forward_batch, active_rows, R: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Optional
 
@@ -60,6 +61,11 @@ class LenVMWorker:
         )
         self.model = self.runner.model
         self.device = target.device
+        # Triton kernels on GPU; plain torch on CPU (the same math, see tests/test_kernel_*).
+        # SGLANG_LENVM_KERNELS=triton forces the kernels, e.g. on CPU under TRITON_INTERPRET=1
+        # to test the wiring end to end; =torch forces the torch path.
+        choice = os.environ.get("SGLANG_LENVM_KERNELS", "auto")
+        self.use_kernels = choice == "triton" or (choice == "auto" and self.device != "cpu")
         self.star_backend: Optional[StarAttentionBackend] = None
         # Counters for /lenvm/stats (host ints: no device sync to maintain them).
         self.stats = {"mirror_extend_tokens": 0, "mirror_extend_forwards": 0,
@@ -104,9 +110,9 @@ class LenVMWorker:
 
     def init_attention(self):
         self.runner.init_attention_backends()
-        use_triton = self.device != "cpu"
         self.star_backend = StarAttentionBackend(
-            self.runner.token_to_kv_pool, self.runner.req_to_token_pool, use_triton=use_triton)
+            self.runner.token_to_kv_pool, self.runner.req_to_token_pool,
+            use_triton=self.use_kernels)
 
     # ---- forwards ----
 
@@ -133,6 +139,13 @@ class LenVMWorker:
     @torch.no_grad()
     def star(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta) -> torch.Tensor:
         """One LenVM forward over B star trees of T tokens each: raw values z [B, T]."""
+        B, T = tokens.shape
+        return self.model.v_head(self.star_hidden(tokens, positions, meta)).view(B, T)
+
+    @torch.no_grad()
+    def star_hidden(self, tokens: torch.Tensor, positions: torch.Tensor,
+                    meta: StarMeta) -> torch.Tensor:
+        """The backbone part of `star`: final-norm hidden states [B * T, H]."""
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
@@ -157,4 +170,4 @@ class LenVMWorker:
         self.stats["star_forwards"] += 1
         self.stats["star_rows"] += B
         self.stats["candidates_scored"] += B * (T - int(meta.has_root))
-        return self.model.v_head(hidden).view(B, T)
+        return hidden
