@@ -104,13 +104,17 @@ def claimed_remaining(token_id: int, eos_id: int) -> int:
 
 
 def build_oracle_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
-                       gamma: float = 0.9, head_placement: str = "shards", arch: str = "qwen2"):
+                       gamma: float = 0.9, head_placement: str = "shards", arch: str = "qwen2",
+                       nan_token: Optional[int] = None):
     """A LenVM whose value is a known function of the prefix: of its last token only.
 
     The backbone's attention and MLP outputs are zeroed (o_proj, down_proj = 0), so the final
     hidden state is the normalized embedding of the current token; embeddings are one-hot, and
     the head maps one-hot(i) to z = logit(1 - gamma^c(i)) with c = `claimed_remaining`. So
     after a token claiming c, the LenVM predicts exactly c remaining tokens.
+
+    `nan_token`: a broken LenVM for fault tests: that token's embedding is infinite, so every
+    state at or after it in a sequence has a NaN value (other sequences are unaffected).
     """
     from transformers import AutoTokenizer
 
@@ -129,6 +133,8 @@ def build_oracle_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
             w[name] = torch.zeros_like(w[name])
     emb = torch.zeros(vocab, hidden)
     emb[torch.arange(vocab), torch.arange(vocab)] = 1.0
+    if nan_token is not None:
+        emb[nan_token, nan_token] = float("inf")
     w["model.embed_tokens.weight"] = emb
     # RMSNorm(one_hot) = sqrt(hidden) * one_hot; fc = identity, so silu(sqrt(H)) on one unit.
     act = torch.nn.functional.silu(torch.tensor(float(hidden) ** 0.5))

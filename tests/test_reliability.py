@@ -100,3 +100,34 @@ def test_malformed_bodies_never_500(server):
                               headers={"content-type": "application/json"}, timeout=60)
             assert r.status_code < 500, (path, body, r.status_code, r.text)
     assert server.post(CHAT, {"model": "m", "messages": MSG, "max_tokens": 3}).status_code == 200
+
+
+def test_nan_values_fall_back_for_that_request_only(models, tmp_path):
+    """A LenVM that yields NaN for one request: that request is sampled unguided and says so;
+    the requests batched with it are guided as usual. (The prompts share no prefix: through
+    the radix cache a later request can share a poisoned request's KV; it then falls back too.)"""
+    from transformers import AutoTokenizer
+
+    from sglang_lenvm import tiny_models as tm
+    from sglang_lenvm.server_process import Server
+
+    tok = AutoTokenizer.from_pretrained(str(models / "ctok"))
+    broken = tok.convert_tokens_to_ids("S")
+    tm.build_oracle_lenvm(tmp_path / "nan_oracle", models / "ctok", nan_token=broken)
+    no_s = {str(broken): -1000.0}  # nobody may sample (or score) the broken token
+    with Server(["--model-path", str(models / "cbase"), "--lenvm-path",
+                 str(tmp_path / "nan_oracle"), "--lenvm-top-k", "48"], tmp_path / "nan.log") as s:
+        def run(prompt, target):
+            return s.post("/v1/completions", {"model": "m", "prompt": prompt, "max_tokens": 40,
+                                              "length_target": target, "logit_bias": no_s}).json()
+
+        with ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda a: run(*a), [("xyzS", 10), ("abc", 7), ("mno", 12),
+                                                   ("Sqr", 5)]))
+        for out, (target, poisoned) in zip(outs, [(10, True), (7, False), (12, False), (5, True)]):
+            lc = out["choices"][0]["length_control"]
+            if poisoned:
+                assert "warning" in lc and "non-finite" in lc["warning"]
+            else:
+                assert "warning" not in lc
+                assert out["usage"]["completion_tokens"] == target

@@ -58,3 +58,21 @@ def test_star_matches_reference(has_root, K, hq, hkv):
     assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
     # candidates differ from each other: the test is not trivially passing
     assert (got[1] - got[2]).abs().max() > 1e-3
+
+
+def test_stale_nan_slots_past_a_prefix_do_not_leak():
+    """Rows with a shorter prefix gather slots past it (padding); NaN there must not leak."""
+    torch.manual_seed(1)
+    d, hkv, hq = 8, 1, 2
+    req_to_token = torch.arange(64, dtype=torch.int32).view(2, 32)
+    kc = torch.randn(64, hkv, d)
+    vc = torch.randn(64, hkv, d)
+    kc[5:32] = float("nan")  # row 0's prefix is slots 0..4; the rest belongs to no one
+    vc[5:32] = float("inf")
+    meta = StarMeta(req_pool_indices=torch.tensor([0, 1]), prefix_lens=torch.tensor([5, 20]),
+                    max_prefix_len=20, tree_size=3, has_root=True, root_slots=None)
+    q, k, v = torch.randn(6, hq, d), torch.randn(6, hkv, d), torch.randn(6, hkv, d)
+    out = star_attention_torch(q, k, v, kc, vc, req_to_token, meta, 0.3)
+    assert torch.isfinite(out).all()
+    want = naive(q, k, v, kc, vc, req_to_token, meta, 0.3)
+    assert torch.allclose(out.double(), want, atol=1e-5)

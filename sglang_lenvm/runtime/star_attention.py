@@ -18,7 +18,6 @@ import dataclasses
 from typing import Optional
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -38,26 +37,41 @@ def star_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor,
                          req_to_token: torch.Tensor, meta: StarMeta,
                          scale: float) -> torch.Tensor:
-    """q [B*T, Hq, D], k/v [B*T, Hkv, D]; caches [slots, Hkv, D]. Returns [B*T, Hq, Dv]."""
+    """q [B*T, Hq, D], k/v [B*T, Hkv, D]; caches [slots, Hkv, D]. Returns [B*T, Hq, Dv].
+
+    Each query's keys are spelled out: the prefix (read once per request for all T queries and
+    the GQA group), the root, and itself. No mask over the other candidates: a masked score
+    added to a NaN (a broken candidate) would still be NaN and poison its neighbours.
+    """
     B, T = meta.prefix_lens.shape[0], meta.tree_size
     hq, d = q.shape[1], q.shape[2]
-    hkv = k.shape[1]
-    P = meta.max_prefix_len
+    hkv, dv = k.shape[1], v.shape[-1]
+    G, P = hq // hkv, meta.max_prefix_len
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float32, device=q.device)
+    qh = q.view(B, T, hkv, G, d).float()
+    kt = k.view(B, T, hkv, d).float()
+    vt = v.view(B, T, hkv, dv).float()
+
     idx = req_to_token[meta.req_pool_indices, :P].long()  # [B, P]
-    pk = k_cache[idx].to(q.dtype)  # [B, P, Hkv, D]
-    pv = v_cache[idx].to(q.dtype)
-    keys = torch.cat([pk, k.view(B, T, hkv, d)], dim=1).transpose(1, 2)  # [B, Hkv, P+T, D]
-    vals = torch.cat([pv, v.view(B, T, hkv, v.shape[-1])], dim=1).transpose(1, 2)
-    prefix_ok = torch.arange(P, device=q.device).view(1, 1, P) < meta.prefix_lens.view(B, 1, 1)
-    tree = torch.eye(T, dtype=torch.bool, device=q.device)
+    live = torch.arange(P, device=q.device).view(1, P) < meta.prefix_lens.view(B, 1)
+    # Rows shorter than P gather stale slots past their prefix: zero them (0 x NaN is NaN).
+    pk = torch.where(live.view(B, P, 1, 1), k_cache[idx].float(), 0.0)  # [B, P, Hkv, D]
+    pv = torch.where(live.view(B, P, 1, 1), v_cache[idx].float(), 0.0)
+    s_prefix = torch.einsum("bthgd,bphd->bthgp", qh, pk) * scale
+    s_prefix = torch.where(live.view(B, 1, 1, 1, P), s_prefix, neg_inf)
+    s_self = (qh * kt.unsqueeze(3)).sum(-1, keepdim=True) * scale  # [B, T, Hkv, G, 1]
+    scores = [s_prefix]
     if meta.has_root:
-        tree[:, 0] = True
-    mask = torch.cat([prefix_ok.expand(B, T, P), tree.expand(B, T, T)], dim=2)  # [B, T, P+T]
-    out = scaled_dot_product_attention(
-        q.view(B, T, hq, d).transpose(1, 2), keys, vals, attn_mask=mask.unsqueeze(1),
-        scale=scale, enable_gqa=hq != hkv,
-    )
-    return out.transpose(1, 2).reshape(B * T, hq, vals.shape[-1])
+        s_root = torch.einsum("bthgd,bhd->bthg", qh, kt[:, 0]).unsqueeze(-1) * scale
+        s_root[:, 0] = float("-inf")  # the root query's own key is its self term
+        scores.append(s_root)
+    scores.append(s_self)
+    w = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+    out = torch.einsum("bthgp,bphd->bthgd", w[..., :P], pv)
+    if meta.has_root:
+        out = out + w[..., P:P + 1] * vt[:, 0].view(B, 1, hkv, 1, dv)
+    out = out + w[..., -1:] * vt.unsqueeze(3)
+    return out.reshape(B * T, hq, dv).to(q.dtype)
 
 
 class StarAttentionBackend(AttentionBackend):
