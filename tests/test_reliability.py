@@ -131,3 +131,16 @@ def test_nan_values_fall_back_for_that_request_only(models, tmp_path):
             else:
                 assert "warning" not in lc
                 assert out["usage"]["completion_tokens"] == target
+
+
+def test_soak_smoke(server, tmp_path):
+    """benchmarks/soak.py end to end in a few seconds: its checks pass and its report is sane."""
+    from benchmarks import soak
+
+    out = tmp_path / "soak.json"
+    rc = soak.main(["--base-url", server.url, "--server-pid", str(server.proc.pid),
+                    "--seconds", "8", "--baseline-seconds", "4", "--clients", "4",
+                    "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["checks"]
+    assert report["requests"]["mixed"] > 0 and report["failed_valid_requests"] == 0
