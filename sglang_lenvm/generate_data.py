@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import threading
 import time
@@ -165,6 +166,11 @@ def run(args) -> dict:
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_samples(out_path)
+    if args.shuffle_seed is not None:
+        # Prompt order decides what a stopped run has: shuffled, a partial run covers every
+        # kind of prompt in the file instead of its first section. A prompt's samples stay
+        # together, so the prompts that are done have all n.
+        random.Random(args.shuffle_seed).shuffle(prompts)
     todo = [(p, i) for p in prompts for i in range(args.n) if i not in done.get(p["id"], set())]
     complete = sum(1 for p in prompts if len(done.get(p["id"], set()) & set(range(args.n))) >= args.n)
     print(f"{len(prompts)} prompts x {args.n} samples: {complete} prompts already complete, "
@@ -233,6 +239,9 @@ def parse_args(argv=None):
                    help='JSON object merged into every request, e.g. \'{"min_p": 0.01}\'')
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--shuffle-seed", type=int, default=None,
+                   help="request prompts in a seeded random order (a partial run then covers "
+                        "all kinds of prompts)")
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

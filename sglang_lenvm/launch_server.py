@@ -20,7 +20,9 @@ from sglang_lenvm.config import DEFAULT_GAMMA, DEFAULT_TOP_K, LenVMConfig
 
 logger = logging.getLogger(__name__)
 
-CPU_MAX_TOTAL_TOKENS = 65536
+# KV slots when none are given on a CPU: base + LenVM KV of the demo pair (SmolLM2-135M, fp32)
+# is ~92 KB per slot, so 16384 slots take ~1.5 GB of host memory.
+CPU_MAX_TOTAL_TOKENS = 16384
 
 
 def _our_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ The LenVM is the base checkpoint's backbone + a fresh value head. For every comp
 length L (EOS included) the states t = 0..L-1, from the last prompt token on, are regressed
 to G_t = -(1 - gamma^(L-t)) with prediction -sigmoid(z), and the loss is the mean squared
 error over all supervised tokens of the batch (paper eq. 9). Completions cut by max_tokens are
-skipped (their length is unknown). gamma defaults to the value with 1 - gamma^L99 = 0.99 for
+skipped by default (their length is unknown; `--truncated censored` keeps them with a one-sided
+loss, since their length is a lower bound). gamma defaults to the value with 1 - gamma^L99 = 0.99 for
 the 99th-percentile training length.
 
 Output: the published layout (backbone + value_head.safetensors, `lenvm_gamma` in config.json,
@@ -50,6 +51,9 @@ def parse_args(argv=None):
                         "training prompts")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="prompts held out for validation when no --val-data (default 0.1)")
+    p.add_argument("--val-loss-samples", type=int, default=None,
+                   help="run at most K completions per validation prompt through the model "
+                        "(the validation loss); the MRE's L_GT still uses all of them")
     p.add_argument("--output", required=True, help="LenVM checkpoint directory to write")
     p.add_argument("--gamma", type=float, default=None,
                    help="discount factor (default: 1 - gamma^L99 = 0.99 for the 99th-percentile "
@@ -64,8 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="cut longer sequences (their remaining states keep correct targets)")
-    p.add_argument("--include-truncated", action="store_true",
-                   help="also train on completions cut by max_tokens, as if they had ended")
+    p.add_argument("--truncated", choices=["skip", "censored", "as-ended"], default="skip",
+                   help="completions cut by max_tokens: skip them (default; their length is "
+                        "unknown), keep them as censored (their length is a lower bound: "
+                        "one-sided loss), or keep them as if they had ended")
+    p.add_argument("--include-truncated", action="store_const", const="as-ended",
+                   dest="truncated", help="same as --truncated as-ended")
     p.add_argument("--train-last-layers", type=int, default=None,
                    help="train only the last N layers (+ final norm + head); default: all")
     p.add_argument("--cache-frozen", action="store_true",
@@ -125,10 +133,10 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    train_ex, train_stats = load_examples(args.data, tokenizer, args.include_truncated,
+    train_ex, train_stats = load_examples(args.data, tokenizer, args.truncated,
                                           args.max_seq_len)
     if args.val_data:
-        val_ex, val_stats = load_examples(args.val_data, tokenizer, args.include_truncated,
+        val_ex, val_stats = load_examples(args.val_data, tokenizer, args.truncated,
                                           args.max_seq_len)
         overlap = {e.prompt_id for e in train_ex} & {e.prompt_id for e in val_ex}
         if overlap:
@@ -139,6 +147,17 @@ def main(argv=None) -> dict:
         val_stats = None
     if not train_ex:
         sys.exit("no usable training examples (all truncated or empty?)")
+    val_lengths: dict[str, list[int]] = {}
+    for e in val_ex:
+        val_lengths.setdefault(e.prompt_id, []).append(e.length)
+    if args.val_loss_samples is not None:
+        seen: dict[str, int] = {}
+        subset = []
+        for e in val_ex:
+            seen[e.prompt_id] = seen.get(e.prompt_id, 0) + 1
+            if seen[e.prompt_id] <= args.val_loss_samples:
+                subset.append(e)
+        val_ex = subset
     lengths = [e.length for e in train_ex]
     gamma = args.gamma if args.gamma is not None else default_gamma(lengths)
     if not 0 < gamma < 1:
@@ -163,8 +182,9 @@ def main(argv=None) -> dict:
                       lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay,
                       warmup_ratio=args.warmup_ratio, bf16=bf16, device=device, seed=args.seed,
                       max_steps=args.max_steps, progress=not args.no_progress)
-    baseline = constant_baseline_mre(train_ex, val_ex, gamma) if val_ex else None
-    history = train(model, train_ex, val_ex, gamma, cfg, cache_frozen=args.cache_frozen)
+    baseline = constant_baseline_mre(train_ex, val_lengths, gamma) if val_lengths else None
+    history = train(model, train_ex, val_ex, gamma, cfg, cache_frozen=args.cache_frozen,
+                    val_lengths=val_lengths)
 
     base_dir = base_files_dir(args.base)
     base_cfg = json.loads((base_dir / "config.json").read_text())
@@ -180,7 +200,8 @@ def main(argv=None) -> dict:
         "base": args.base, "gamma": gamma, "device": device, "bf16": bf16,
         "train_completions": len(train_ex), "val_completions": len(val_ex),
         "train_prompts": len({e.prompt_id for e in train_ex}),
-        "val_prompts": len({e.prompt_id for e in val_ex}),
+        "val_prompts": len(val_lengths),
+        "val_mre_completions": sum(len(v) for v in val_lengths.values()),
         "train_data": dataclasses.asdict(train_stats),
         "val_data": dataclasses.asdict(val_stats) if val_stats else None,
         "length_p50": percentile(lengths, 50), "length_p99": percentile(lengths, 99),

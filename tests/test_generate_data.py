@@ -154,3 +154,16 @@ def test_bad_prompt_file(tmp_path):
     p.write_text(json.dumps({"messages": [], "prompt": "both"}) + "\n")
     with pytest.raises(ValueError, match="exactly one"):
         gd.load_prompts(str(p))
+
+
+def test_shuffle_seed_changes_order_not_content(fake, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "x" * i}) + "\n"
+                               for i in range(12)))
+    out = tmp_path / "o.jsonl"
+    gd.main(["--prompts", str(prompts), "--output", str(out), "--base-url", fake.url, "-n", "2",
+             "--concurrency", "1", "--shuffle-seed", "0", "--quiet"])
+    order = [r["prompt"] for r in fake.requests]
+    assert sorted(order) == sorted("x" * i for i in range(12) for _ in range(2))
+    assert order != ["x" * i for i in range(12) for _ in range(2)]
+    assert order[0] == order[1]  # a prompt's samples are requested together

@@ -50,6 +50,21 @@ def test_padding_is_ignored():
     assert float(T.token_mean_mse(z2, targets, mask)) == float(T.token_mean_mse(z, targets, mask))
 
 
+def test_censored_targets_are_one_sided():
+    # A completion cut at L = 2 (gamma 0.5): bounds G = [-0.75, -0.5]; the true returns are
+    # at most these. z = 0 predicts -0.5: consistent with the bound -0.5 (no loss) but above
+    # -0.75, which costs (-0.5 + 0.75)^2 = 0.0625. A prediction below a bound costs nothing.
+    targets = torch.tensor([[-0.75, -0.5]])
+    mask = torch.ones(1, 2)
+    cens = torch.ones(1, 2)
+    z = torch.zeros(1, 2)
+    assert float(T.squared_error_sum(z, targets, mask, cens)) == pytest.approx(0.0625)
+    assert float(T.squared_error_sum(z, targets, mask)) == pytest.approx(0.0625)
+    z_long = torch.full((1, 2), 5.0)  # predicts ~-0.993: longer than both bounds
+    assert float(T.squared_error_sum(z_long, targets, mask, cens)) == 0.0
+    assert float(T.squared_error_sum(z_long, targets, mask)) > 0.2
+
+
 def test_prediction_is_minus_sigmoid():
     assert T.prediction(torch.tensor([0.0, 100.0, -100.0])).tolist() == pytest.approx(
         [-0.5, -1.0, 0.0])
@@ -89,6 +104,7 @@ def test_collate_positions():
     ex = Example("p", [5, 6, 7, 8, 9], start=2, length=3)
     short = Example("q", [5, 6], start=1, length=1)
     b = collate([ex, short], [0, 1], gamma=0.5, pad_id=0)
+    assert b.censored.sum() == 0
     assert b.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]]
     assert b.mask.tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
     assert b.targets[0, 2:].tolist() == [-0.875, -0.75, -0.5]
@@ -110,8 +126,10 @@ def test_load_examples_skips_truncated_and_cuts(tmp_path):
     exs, stats = load_examples([str(path)])
     assert [e.prompt_id for e in exs] == ["a", "c"] and stats.truncated_skipped == 1
     assert exs[0].input_ids == [1, 2, 3, 10, 11, 12] and exs[0].start == 2
-    exs, stats = load_examples([str(path)], include_truncated=True, max_seq_len=8)
-    assert len(exs) == 3 and stats.cut_to_max_len == 1
+    exs, stats = load_examples([str(path)], truncated="as-ended", max_seq_len=8)
+    assert len(exs) == 3 and stats.cut_to_max_len == 1 and not any(e.censored for e in exs)
+    assert [e.censored for e in load_examples([str(path)], truncated="censored")[0]] == [
+        False, True, False]
     c = exs[2]
     assert len(c.input_ids) == 8 and c.length == 10 and c.n_supervised == 6
 

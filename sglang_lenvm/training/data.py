@@ -25,6 +25,9 @@ class Example:
     input_ids: list[int]  # prompt tokens + the first L-1 completion tokens (maybe cut)
     start: int  # index of the last prompt token = state s_0
     length: int  # L: completion tokens incl. EOS (the server's usage.completion_tokens)
+    # Cut by max_tokens and kept as censored: L is only a lower bound on the true length, so
+    # every G_t is an upper bound on the true return (see targets.squared_error_sum).
+    censored: bool = False
 
     @property
     def n_supervised(self) -> int:
@@ -37,6 +40,7 @@ class LoadStats:
     records: int = 0
     used: int = 0
     truncated_skipped: int = 0
+    truncated_kept: int = 0
     retokenized: int = 0
     cut_to_max_len: int = 0
 
@@ -67,7 +71,11 @@ def _completion_ids(rec: dict, tokenizer) -> list[int]:
     return tokenizer.encode(rec["completion_text"], add_special_tokens=False)
 
 
-def record_to_example(rec: dict, tokenizer=None, max_seq_len: Optional[int] = None) -> Example:
+TRUNCATED_MODES = ("skip", "censored", "as-ended")
+
+
+def record_to_example(rec: dict, tokenizer=None, max_seq_len: Optional[int] = None,
+                      censored: bool = False) -> Example:
     prompt = _prompt_ids(rec, tokenizer)
     completion = _completion_ids(rec, tokenizer)
     length = int(rec["completion_tokens"])
@@ -81,11 +89,16 @@ def record_to_example(rec: dict, tokenizer=None, max_seq_len: Optional[int] = No
     if len(ids) < len(prompt):
         raise ValueError(f"record {rec.get('prompt_id')}: prompt longer than max_seq_len")
     return Example(prompt_id=str(rec["prompt_id"]), input_ids=ids, start=len(prompt) - 1,
-                   length=length)
+                   length=length, censored=censored)
 
 
-def load_examples(paths: Sequence[str], tokenizer=None, include_truncated: bool = False,
+def load_examples(paths: Sequence[str], tokenizer=None, truncated: str = "skip",
                   max_seq_len: Optional[int] = None) -> tuple[list[Example], LoadStats]:
+    """Examples from generate_data JSONL. Completions cut by max_tokens (`truncated`) are
+    skipped ("skip"), kept with their length as a lower bound ("censored"), or kept as if
+    they had ended there ("as-ended", which teaches that text stops at max_tokens)."""
+    if truncated not in TRUNCATED_MODES:
+        raise ValueError(f"truncated must be one of {TRUNCATED_MODES}, got {truncated!r}")
     stats = LoadStats()
     out = []
     for path in paths:
@@ -95,13 +108,16 @@ def load_examples(paths: Sequence[str], tokenizer=None, include_truncated: bool 
                     continue
                 rec = json.loads(line)
                 stats.records += 1
-                if rec.get("truncated") and not include_truncated:
+                cut = bool(rec.get("truncated"))
+                if cut and truncated == "skip":
                     # Cut by max_tokens: the true length is unknown (only that it is larger).
                     stats.truncated_skipped += 1
                     continue
+                stats.truncated_kept += cut
                 if rec.get("completion_token_ids") is None or not rec.get("prompt_token_ids"):
                     stats.retokenized += 1
-                ex = record_to_example(rec, tokenizer, max_seq_len)
+                ex = record_to_example(rec, tokenizer, max_seq_len,
+                                       censored=cut and truncated == "censored")
                 stats.cut_to_max_len += ex.n_supervised < ex.length
                 out.append(ex)
     stats.used = len(out)
@@ -123,6 +139,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] right-padded
     targets: torch.Tensor  # [B, T] G_t at the supervised positions, 0 elsewhere
     mask: torch.Tensor  # [B, T] 1.0 at supervised positions
+    censored: torch.Tensor  # [B, T] 1.0 where the target is only an upper bound
     starts: torch.Tensor  # [B] position of s_0
     indices: list[int]  # positions of these examples in the dataset (for cached states)
 
@@ -142,12 +159,15 @@ def collate(examples: Sequence[Example], indices: Sequence[int], gamma: float,
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.zeros(B, T)
     mask = torch.zeros(B, T)
+    censored = torch.zeros(B, T)
     for i, e in enumerate(examples):
         input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         n = e.n_supervised
         targets[i, e.start: e.start + n] = token_targets(e.length, gamma)[:n]
         mask[i, e.start: e.start + n] = 1.0
-    return Batch(input_ids, targets, mask, torch.tensor([e.start for e in examples]),
+        if e.censored:
+            censored[i, e.start: e.start + n] = 1.0
+    return Batch(input_ids, targets, mask, censored, torch.tensor([e.start for e in examples]),
                  list(indices))
 
 

@@ -85,8 +85,13 @@ def values(model: LenVMForTraining, batch: Batch, cfg: TrainConfig,
 
 @torch.no_grad()
 def evaluate(model: LenVMForTraining, examples: Sequence[Example], gamma: float,
-             cfg: TrainConfig, cache: Optional[StateCache] = None) -> dict:
-    """Token-mean validation loss, and the prompt-boundary MRE (paper eq. 13-15)."""
+             cfg: TrainConfig, cache: Optional[StateCache] = None,
+             mre_lengths: Optional[dict[str, list[int]]] = None) -> dict:
+    """Token-mean validation loss, and the prompt-boundary MRE (paper eq. 13-15).
+
+    `mre_lengths` (prompt_id -> sample lengths) lets L_GT use more samples than are run
+    through the model: the MRE needs only each prompt's s_0 value, so the loss can be
+    measured on a subset of the completions while L_GT uses all of them."""
     model.eval()
     sse, n_tok = 0.0, 0
     boundary: dict[str, float] = {}  # prompt_id -> predicted length at s_0
@@ -94,7 +99,7 @@ def evaluate(model: LenVMForTraining, examples: Sequence[Example], gamma: float,
     for b in batches(examples, cfg.eval_batch_size, gamma, shuffle=False):
         z = values(model, b, cfg, cache)
         mask, tgt = b.mask.to(z.device), b.targets.to(z.device)
-        sse += float(squared_error_sum(z, tgt, mask))
+        sse += float(squared_error_sum(z, tgt, mask, b.censored.to(z.device)))
         n_tok += int(mask.sum())
         p0 = torch.sigmoid(z[torch.arange(len(b.indices)), b.starts.to(z.device)].float())
         l0 = length_from_p(p0, gamma).tolist()
@@ -105,6 +110,8 @@ def evaluate(model: LenVMForTraining, examples: Sequence[Example], gamma: float,
     model.train()
     ids = sorted(boundary)
     out = {"val_loss": sse / max(n_tok, 1), "val_tokens": n_tok, "val_prompts": len(ids)}
+    if mre_lengths is not None:
+        lengths = {i: mre_lengths[i] for i in ids}
     if ids:
         out["mre"] = prompt_boundary_mre([boundary[i] for i in ids], [lengths[i] for i in ids],
                                          gamma)
@@ -120,21 +127,20 @@ def accumulate_gradients(model: LenVMForTraining, group: Sequence[Batch], cfg: T
     total = 0.0
     for b in group:
         z = values(model, b, cfg, cache)
-        sse = squared_error_sum(z, b.targets.to(z.device), b.mask.to(z.device))
+        sse = squared_error_sum(z, b.targets.to(z.device), b.mask.to(z.device),
+                                b.censored.to(z.device))
         (sse / max(n_tokens, 1)).backward()
         total += float(sse.detach())
     return total, n_tokens
 
 
-def constant_baseline_mre(train: Sequence[Example], val: Sequence[Example], gamma: float) -> float:
+def constant_baseline_mre(train: Sequence[Example], val_lengths: dict[str, list[int]],
+                          gamma: float) -> float:
     """MRE of predicting one length for every prompt (the training set's L_GT): what the
     LenVM must beat to show it reads the prompt."""
     const = ground_truth_length([e.length for e in train], gamma)
-    by_prompt: dict[str, list[int]] = {}
-    for e in val:
-        by_prompt.setdefault(e.prompt_id, []).append(e.length)
-    ids = sorted(by_prompt)
-    return prompt_boundary_mre([const] * len(ids), [by_prompt[i] for i in ids], gamma)
+    ids = sorted(val_lengths)
+    return prompt_boundary_mre([const] * len(ids), [val_lengths[i] for i in ids], gamma)
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -146,7 +152,8 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def train(model: LenVMForTraining, train_ex: Sequence[Example], val_ex: Sequence[Example],
-          gamma: float, cfg: TrainConfig, cache_frozen: bool = False) -> list[dict]:
+          gamma: float, cfg: TrainConfig, cache_frozen: bool = False,
+          val_lengths: Optional[dict[str, list[int]]] = None) -> list[dict]:
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -203,7 +210,7 @@ def train(model: LenVMForTraining, train_ex: Sequence[Example], val_ex: Sequence
         record = {"epoch": epoch + 1, "step": step, "train_loss": run_sse / max(run_tok, 1),
                   "train_tokens": run_tok, "seconds": round(time.time() - t0, 1)}
         if val_ex:
-            record.update(evaluate(model, val_ex, gamma, cfg, val_cache))
+            record.update(evaluate(model, val_ex, gamma, cfg, val_cache, val_lengths))
         history.append(record)
         logger.info("epoch %d: %s", epoch + 1, record)
         if cfg.progress:

@@ -8,7 +8,7 @@ G_t = -(1 - gamma^(L-t)) (paper eq. 2/10); the LenVM predicts V = -sigmoid(z) (e
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -27,10 +27,18 @@ def prediction(z: torch.Tensor) -> torch.Tensor:
     return -torch.sigmoid(z.float())
 
 
-def squared_error_sum(z: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over supervised tokens of (V(s_t) - G_t)^2. z, targets, mask: [B, T]."""
-    err = (prediction(z) - targets) ** 2
-    return (err * mask).sum()
+def squared_error_sum(z: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                      censored: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum over supervised tokens of (V(s_t) - G_t)^2. z, targets, mask: [B, T].
+
+    Where `censored` is 1 (a completion cut by max_tokens, kept with `--truncated censored`),
+    G_t is only an upper bound: the true remaining length is at least L - t, so the true
+    return is at most G_t. A prediction at or below the bound is consistent and costs
+    nothing; one above it is penalized by its squared distance to the bound."""
+    err = prediction(z) - targets
+    if censored is not None:
+        err = torch.where(censored > 0, err.clamp_min(0.0), err)
+    return (err ** 2 * mask).sum()
 
 
 def token_mean_mse(z: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
