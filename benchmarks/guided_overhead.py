@@ -18,94 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import requests
-
+from benchmarks.common import (build_tiny, latency_at, machine_info, stream_token_times,
+                               throughput)
 from sglang_lenvm.server_process import Server
-
-
-def machine_info() -> dict:
-    import torch
-
-    import sglang
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "sglang": sglang.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def stream_token_times(url: str, body: dict) -> list[tuple[float, int]]:
-    """(arrival time, completion tokens so far) per streamed chunk."""
-    body = {**body, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    out = []
-    with requests.post(url + "/v1/completions", json=body, stream=True, timeout=3600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines(decode_unicode=True):
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or {}
-            if usage.get("completion_tokens"):
-                out.append((time.perf_counter(), usage["completion_tokens"]))
-    return out
-
-
-def latency_at(times: list[tuple[float, int]], position: int, window: int) -> float:
-    """Seconds per token between positions position - window and position + window.
-
-    Streamed chunks can carry several tokens, so the rate is taken between the first chunks
-    that reach the two positions rather than chunk by chunk.
-    """
-    def first_at(n):
-        return next(((t, m) for t, m in times if m >= n), None)
-
-    a, b = first_at(position - window), first_at(position + window)
-    if a is None or b is None or b[1] <= a[1]:
-        raise RuntimeError(f"not enough tokens streamed around position {position}")
-    return (b[0] - a[0]) / (b[1] - a[1])
-
-
-def throughput(url: str, body: dict, concurrency: int, repeats: int) -> float:
-    """Median over repeats of output tokens / wall second for `concurrency` parallel requests."""
-    def one(_):
-        r = requests.post(url + "/v1/completions", json=body, timeout=3600)
-        r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
-
-    runs = []
-    with ThreadPoolExecutor(concurrency) as ex:
-        list(ex.map(one, range(concurrency)))  # warm-up
-        for _ in range(repeats):
-            t = time.perf_counter()
-            tokens = sum(ex.map(one, range(concurrency)))
-            runs.append(tokens / (time.perf_counter() - t))
-    return statistics.median(runs)
-
-
-def build_tiny(root: Path) -> tuple[str, str]:
-    from sglang_lenvm import tiny_models as tm
-
-    tm.build_tokenizer(root / "tok")
-    tm.build_causal_lm(root / "base", root / "tok", max_pos=8192)
-    tm.build_lenvm(root / "lenvm", root / "tok", max_pos=8192)
-    return str(root / "base"), str(root / "lenvm")
 
 
 def main(argv=None) -> dict:

@@ -202,3 +202,20 @@ def test_length_predict_endpoint(server):
     assert server.post("/v1/length/predict", {"prompt": ""}).status_code == 400
     assert server.post("/v1/length/predict", {}).status_code == 400
     assert server.post("/v1/length/predict", {"messages": "hi"}).json()["param"] == "messages"
+
+
+def test_edge_prompts_with_guidance(server):
+    """Empty prompts work (the chat template or a bare start); over-long prompts get 400."""
+    r = server.post("/v1/completions", {"model": "m", "prompt": "", "max_tokens": 8,
+                                         "length_target": 5})
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        assert r.json()["choices"][0]["length_control"]["length_target"] == 5
+    r = server.post(CHAT, {"model": "m", "messages": [{"role": "user", "content": ""}],
+                           "max_tokens": 8, "length_target": 5})
+    assert r.status_code == 200, r.text
+    too_long = "word " * 5000  # the tiny models' context is 4096 tokens
+    r = server.post("/v1/completions", {"model": "m", "prompt": too_long, "max_tokens": 8,
+                                         "length_target": 5})
+    assert r.status_code == 400, r.text
+    assert server.post(CHAT, {"model": "m", "messages": MSG, "max_tokens": 3}).status_code == 200

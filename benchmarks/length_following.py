@@ -1,0 +1,273 @@
+"""Length following, LIFEBench-style: equal / at_most / at_least at token targets, prompt-only
+baseline vs the same prompt with LenVM guidance, on the same server.
+
+    python -m benchmarks.length_following --demo                  # our prompt set, 16..256
+    python -m benchmarks.length_following --base-url URL --lifebench data_lite_no_summary.jsonl
+    python -m benchmarks.length_following --tiny --limit 2 --targets 8 16     # smoke size
+
+Prompts. Rows in LIFEBench's JSONL format (id, category, type, lang, task, raw_data), whose
+`task` holds `{word_count_type}` and `{word_count}` placeholders. They are filled the way
+LIFEBench's exp_request.py fills them (str.replace of both placeholders; Chinese rows get the
+Chinese wording). Then, as the LenVM authors' token-level variant of LIFEBench does, the length
+unit becomes tokens: "{word_count} words" -> "N tokens", "{word_count}字" -> "N 个token",
+"字数" -> "token数".
+- `--lifebench PATH`: LIFEBench's own rows, with LIFEBench's wording ("equal to" / "at most" /
+  "at least"; 等于 / 至多有 / 至少有), e.g. "The article must be equal to 64 tokens long."
+- default: benchmarks/data/length_prompts.jsonl, our 24 prompts (QA, reasoning, creative
+  writing; 12 English, 12 Chinese), whose requirement reads "Your answer must be exactly /
+  at most / at least N tokens." (恰好 / 至多 / 至少 N 个token).
+
+Runs. `baseline`: the filled prompt alone. `lenvm`: the same prompt plus `length_target` = N
+and `length_mode`. Both: chat completions, temperature 1.0, top_p 0.999, top_k 15 (the paper's
+setting), max_tokens = --max-tokens-factor x N (outputs that hit it count at that length; the
+score at 4x the target is 0.03 for equal, so the cap barely helps the baseline).
+
+Metrics, exactly LIFEBench's (evaluate/evaluate_all_results.py), with L = completion tokens
+(EOS included) and LD = (L - N) / N:
+  equal:    LS = 100 e^{5 LD} if LD < 0, else 100 e^{-2 LD}
+  at_most:  LS = 100 if LD <= 0, else 100 e^{-2 LD}
+  at_least: LS = 100 if LD >= 0, else 100 e^{5 LD}
+Per (mode, target): mean LS over prompts, and the deviation mean |LD| (LIFEBench reports it in
+%). Per mode: the mean of the per-target values (LIFEBench rounds each per-target LS to 0.1
+first; we keep full precision, a difference of at most 0.05). Like LIFEBench's illegal_filter,
+outputs with L <= 1 are dropped (counted in `dropped`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from benchmarks import common
+
+MODES = ("equal", "at_most", "at_least")
+RUNS = ("baseline", "lenvm")
+LIFEBENCH_WORDING = {"en": {"equal": "equal to", "at_most": "at most", "at_least": "at least"},
+                     "cn": {"equal": "等于", "at_most": "至多有", "at_least": "至少有"}}
+OUR_WORDING = {"en": {"equal": "exactly", "at_most": "at most", "at_least": "at least"},
+               "cn": {"equal": "恰好", "at_most": "至多", "at_least": "至少"}}
+# LIFEBench counts words (English) or characters (Chinese); the token-level variant asks for
+# tokens instead (the LenVM authors' _convert_length_wording does the same).
+TOKEN_UNITS = (("{word_count} words", "{word_count} tokens"),
+               ("{word_count}字", "{word_count} 个token"), ("字数", "token数"))
+
+
+def length_deviation(length: int, target: int) -> float:
+    return (length - target) / target
+
+
+def length_score(mode: str, ld: float) -> float:
+    if mode == "equal":
+        return 100 * math.exp(5 * ld) if ld < 0 else 100 * math.exp(-2 * ld)
+    if mode == "at_most":
+        return 100.0 if ld <= 0 else 100 * math.exp(-2 * ld)
+    if mode == "at_least":
+        return 100.0 if ld >= 0 else 100 * math.exp(5 * ld)
+    raise ValueError(mode)
+
+
+def fill_task(task: str, lang: str, mode: str, target: int, wording: dict) -> str:
+    if "{word_count}" not in task:
+        raise ValueError(f"task has no {{word_count}} placeholder: {task[:80]!r}")
+    for old, new in TOKEN_UNITS:
+        task = task.replace(old, new)
+    lang = "cn" if lang == "cn" else "en"
+    return (task.replace("{word_count_type}", wording[lang][mode])
+            .replace("{word_count}", str(target)))
+
+
+def make_requests(rows: list[dict], wording: dict, args, model: str) -> list[dict]:
+    reqs = []
+    for row in rows:
+        for mode in args.modes:
+            for target in args.targets:
+                prompt = fill_task(row["task"], row["lang"], mode, target, wording)
+                messages = ([{"role": "system", "content": args.system}] if args.system else [])
+                messages.append({"role": "user", "content": prompt})
+                body = {"model": model, "messages": messages, "temperature": args.temperature,
+                        "top_p": args.top_p, "top_k": args.top_k,
+                        "max_tokens": max(int(args.max_tokens_factor * target), target + 1)}
+                for run in args.runs:
+                    b = dict(body)
+                    if run == "lenvm":
+                        b.update(length_target=target, length_mode=mode)
+                    reqs.append({"id": row.get("id"), "lang": row["lang"],
+                                 "category": row.get("category"), "mode": mode,
+                                 "target": target, "run": run, "body": b})
+    return reqs
+
+
+def run_one(url: str, req: dict) -> dict:
+    r = common.chat(url, req["body"])
+    choice = r["choices"][0]
+    length = r["usage"]["completion_tokens"]
+    ld = length_deviation(length, req["target"])
+    lc = choice.get("length_control") or {}
+    return {k: req[k] for k in ("id", "lang", "category", "mode", "target", "run")} | {
+        "length": length, "finish_reason": choice["finish_reason"], "ld": ld,
+        "ls": length_score(req["mode"], ld), "predicted_length": lc.get("predicted_length"),
+        "text": choice["message"]["content"]}
+
+
+def cell(records: list[dict]) -> dict:
+    kept = [r for r in records if r["length"] > 1]  # LIFEBench's illegal_filter
+    lengths = [r["length"] for r in kept]
+    return {"n": len(kept), "dropped": len(records) - len(kept),
+            "truncated": sum(r["finish_reason"] == "length" for r in kept),
+            "mean_length": common.mean(lengths),
+            "median_length": common.percentile(lengths, 50),
+            "mean_ld": common.mean(r["ld"] for r in kept),
+            "deviation": common.mean(abs(r["ld"]) for r in kept),
+            "ls": common.mean(r["ls"] for r in kept)}
+
+
+def summarize(records: list[dict], args) -> dict:
+    """cells[run][mode][target], averages[run][mode] (also per language), improvement."""
+    cells, averages, by_lang = {}, {}, {}
+    for run in args.runs:
+        for mode in args.modes:
+            sel = [r for r in records if r["run"] == run and r["mode"] == mode]
+            per_t = {str(t): cell([r for r in sel if r["target"] == t]) for t in args.targets}
+            cells.setdefault(run, {})[mode] = per_t
+            averages.setdefault(run, {})[mode] = average(per_t.values())
+            for lang in sorted({r["lang"] for r in sel}):
+                per_tl = [cell([r for r in sel if r["target"] == t and r["lang"] == lang])
+                          for t in args.targets]
+                by_lang.setdefault(run, {}).setdefault(mode, {})[lang] = average(per_tl)
+    improvement = {}
+    if set(RUNS) <= set(args.runs):
+        for mode in args.modes:
+            a, b = averages["lenvm"][mode]["ls"], averages["baseline"][mode]["ls"]
+            improvement[mode] = a - b if a is not None and b is not None else None
+    return {"cells": cells, "averages": averages, "averages_by_lang": by_lang,
+            "ls_improvement": improvement}
+
+
+def average(cells) -> dict:
+    """LIFEBench's AVG: the mean over targets of the per-target means (empty targets skipped)."""
+    cells = [c for c in cells if c["n"]]
+    return {"ls": common.mean(c["ls"] for c in cells),
+            "deviation": common.mean(c["deviation"] for c in cells),
+            "targets": len(cells)}
+
+
+def plot(result: dict, path_scores, path_lengths) -> None:
+    plt = common.pyplot()
+    s, settings = result["summary"], result["settings"]
+    modes = settings["modes"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for run in settings["runs"]:
+            per_t = s["cells"][run][mode]
+            ts = [t for t in per_t if per_t[t]["ls"] is not None]
+            ax.plot([int(t) for t in ts], [per_t[t]["ls"] for t in ts], "o-", label=run)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("target (tokens)")
+        ax.set_ylabel("length score")
+        ax.set_title(mode)
+        ax.legend()
+    fig.suptitle(f"{result['prompt_set']} — {common.machine_line(result['machine'])}", fontsize=8)
+    common.save_figure(fig, path_scores)
+
+    # Output length vs target (median and interquartile range), one panel per mode.
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), squeeze=False)
+    recs = result["records"]
+    for ax, mode in zip(axes[0], modes):
+        for i, run in enumerate(settings["runs"]):
+            xs, med, lo, hi = [], [], [], []
+            for t in settings["targets"]:
+                ls = [r["length"] for r in recs if r and r["run"] == run and r["mode"] == mode
+                      and r["target"] == t]
+                if ls:
+                    xs.append(t * (1.04 if i else 0.96))  # side by side
+                    m = common.percentile(ls, 50)
+                    med.append(m)
+                    lo.append(m - common.percentile(ls, 25))
+                    hi.append(common.percentile(ls, 75) - m)
+            ax.errorbar(xs, med, yerr=[lo, hi], fmt="o", capsize=3, label=run)
+        ts = settings["targets"]
+        ax.plot(ts, ts, "k--", lw=0.8, label="target")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("target (tokens)")
+        ax.set_ylabel("completion tokens (median, IQR)")
+        ax.set_title(mode)
+        ax.legend(fontsize=8)
+    common.save_figure(fig, path_lengths)
+
+
+def report(result: dict) -> str:
+    s, st = result["summary"], result["settings"]
+    out = [common.machine_line(result["machine"]), f"prompts: {result['prompt_set']}", ""]
+    rows = []
+    for run in st["runs"]:
+        for mode in st["modes"]:
+            per_t = s["cells"][run][mode]
+            avg = s["averages"][run][mode]
+            rows.append([run, mode] + [per_t[str(t)]["ls"] for t in st["targets"]] +
+                        [avg["ls"], pct(avg["deviation"]) if mode == "equal" else None,
+                         sum(c["dropped"] for c in per_t.values()),
+                         sum(c["truncated"] for c in per_t.values())])
+    out.append(common.md_table(["run", "mode"] + [f"LS@{t}" for t in st["targets"]] +
+                               ["LS avg", "deviation (equal)", "dropped (L<=1)", "cut"], rows))
+    if s["ls_improvement"]:
+        out += ["", "LS improvement (lenvm - baseline): " + ", ".join(
+            f"{m} {v:+.1f}" if v is not None else f"{m} –"
+            for m, v in s["ls_improvement"].items())]
+    if result["errors"]:
+        out += ["", f"{len(result['errors'])} request(s) failed, see `errors` in the JSON"]
+    return "\n".join(out)
+
+
+def pct(x):
+    return None if x is None else f"{100 * x:.0f}%"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n", 1)[1])
+    common.add_server_args(ap)
+    ap.add_argument("--lifebench", help="LIFEBench JSONL (id, category, type, lang, task, "
+                                        "raw_data) instead of our prompt set")
+    ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"),
+                    help="our prompt set (LIFEBench format, used without --lifebench)")
+    ap.add_argument("--limit", type=int, help="use only the first N prompts")
+    ap.add_argument("--targets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=0.999)
+    ap.add_argument("--top-k", type=int, default=15)
+    ap.add_argument("--max-tokens-factor", type=float, default=4.0,
+                    help="max_tokens = factor x target")
+    ap.add_argument("--system", help="a system message before each prompt")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", default=str(common.RESULTS / "length_following.json"))
+    args = ap.parse_args(argv)
+
+    path = args.lifebench or args.prompts
+    rows = common.load_jsonl(path)[: args.limit]
+    wording = LIFEBENCH_WORDING if args.lifebench else OUR_WORDING
+    result = {**common.header(args), "prompt_set": path, "n_prompts": len(rows)}
+    with common.lenvm_server(args, ap) as srv:
+        url = srv["url"]
+        result["server"] = common.server_info(url)
+        reqs = make_requests(rows, wording, args, common.model_name(url))
+        errors = []
+        records = common.parallel_map(lambda q: run_one(url, q), reqs, args.concurrency,
+                                      "length following", errors)
+    result["errors"] = [{**e, "request": {k: v for k, v in reqs[e["index"]].items()
+                                          if k != "body"}} for e in errors]
+    records = [r for r in records if r is not None]
+    result["summary"] = summarize(records, args)
+    result["records"] = records
+    common.write_json(args.out, result)
+    plot(result, common.sibling(args.out, ".png"), common.sibling(args.out, "_lengths.png"))
+    print(report(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The benchmarks (benchmarks/*.py) run end to end at smoke size against a real server on the
+tiny random models, and their definitions (LIFEBench scores, the paper's L_GT, TD scores,
+answer extraction, prompt filling) are exact.
+
+The smoke runs share the session's `server` (tests/conftest.py) and assert only that what they
+write is well formed: finite numbers in range, JSON with machine and settings, PNG plots.
+The tiny models are random, so the numbers themselves mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import latency, length_following, length_tokens, prediction, tradeoff
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["latency", "length_following", "prediction", "tradeoff", "length_tokens",
+           "guided_overhead"]
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_output(out: Path, *pngs: str) -> dict:
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["sglang"]
+    assert data["settings"] and data["started"]
+    for suffix in pngs or (".png",):
+        png = out.with_name(out.stem + suffix)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    return data
+
+
+# ------------------------------------------------------------------------ definitions
+
+
+@pytest.mark.parametrize("mode,length,score", [
+    ("equal", 64, 100.0), ("equal", 32, 100 * math.exp(-2.5)), ("equal", 128, 100 * math.exp(-2)),
+    ("at_most", 10, 100.0), ("at_most", 64, 100.0), ("at_most", 96, 100 * math.exp(-1)),
+    ("at_least", 200, 100.0), ("at_least", 64, 100.0), ("at_least", 48, 100 * math.exp(-1.25)),
+])
+def test_lifebench_length_score(mode, length, score):
+    ld = length_following.length_deviation(length, 64)
+    assert length_following.length_score(mode, ld) == pytest.approx(score)
+
+
+def test_prompt_filling_lifebench_and_ours():
+    en = ("[Instruction] Continue the story.\n\n[Requirement] The continuation must be "
+          "{word_count_type} {word_count} words long.")
+    cn = "[指令] 回答问题。\n\n[要求]你的回答字数必须{word_count_type} {word_count}字。"
+    fill = length_following.fill_task
+    lb = length_following.LIFEBENCH_WORDING
+    assert fill(en, "en", "equal", 64, lb).endswith("must be equal to 64 tokens long.")
+    assert fill(en, "en", "at_most", 8, lb).endswith("must be at most 8 tokens long.")
+    assert fill(cn, "cn", "at_least", 32, lb).endswith("你的回答token数必须至少有 32 个token。")
+    rows = [json.loads(line) for line in
+            (ROOT / "benchmarks/data/length_prompts.jsonl").read_text().splitlines()]
+    assert {r["lang"] for r in rows} == {"en", "cn"}
+    assert {r["category"] for r in rows} == {"qa", "reasoning", "create"}
+    ours = length_following.OUR_WORDING
+    first_en = next(r for r in rows if r["lang"] == "en")
+    assert fill(first_en["task"], "en", "equal", 16, ours).endswith(
+        "Your answer must be exactly 16 tokens.")
+    assert all("{" not in fill(r["task"], r["lang"], "at_most", 16, ours) for r in rows)
+
+
+def test_l_gt_is_the_return_space_mean():
+    gamma = 0.99
+    assert prediction.l_gt([50, 50], gamma) == pytest.approx(50)
+    lengths = [10, 300]
+    gt = prediction.l_gt(lengths, gamma)
+    assert 1 - gamma ** gt == pytest.approx(sum(1 - gamma ** n for n in lengths) / 2)
+    assert gt < sum(lengths) / 2  # Jensen: L_GT is below the mean length
+
+
+def test_td_scores_end_with_a_terminal_state():
+    gamma = 0.9
+    choice = {"finish_reason": "stop", "length_control": {"values": [0.5, 0.4]},
+              "logprobs": {"content": [{"token": "a"}, {"token": "<eos>"}]}}
+    scores = length_tokens.token_scores(choice, gamma)
+    assert [t for t, _ in scores] == ["a", "<eos>"]
+    assert scores[0][1] == pytest.approx(gamma * 0.4 - 0.5 + 0.1)
+    assert scores[1][1] == pytest.approx(0.0 - 0.4 + 0.1)  # p after EOS is 0
+    cut = {**choice, "finish_reason": "length"}
+    assert len(length_tokens.token_scores(cut, gamma)) == 1  # no value after the last token
+
+
+def test_arithmetic_problems_and_answer_extraction():
+    problems = tradeoff.make_problems(60, seed=1)
+    assert problems == tradeoff.make_problems(60, seed=1)  # deterministic
+    assert len({p["question"] for p in problems}) == 60
+    easy = tradeoff.make_problems(30, seed=1, level="easy")
+    assert len({p["question"] for p in easy}) > 20
+    assert all(isinstance(p["answer"], int) and p["answer"] >= 0 for p in problems + easy)
+    ex = tradeoff.extract_answer
+    assert ex("3 + 4 = 7, so \\boxed{1,234}.") == (1234.0, "boxed")
+    assert ex("\\boxed{5} no wait \\boxed{$12$ apples}") == (12.0, "boxed")
+    assert ex("It is 12, or maybe 13.") == (13.0, "last_number")
+    assert ex("I do not know") == (None, "none")
+
+
+# ------------------------------------------------------------------------ smoke runs
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name):
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_latency_smoke(server, models, tmp_path):
+    out = tmp_path / "latency.json"
+    # Plain SGLang is started by the benchmark itself (--plain-model-path), the LenVM server
+    # is the shared one.
+    r = latency.main(["--base-url", server.url, "--plain-model-path", str(models / "base"),
+                      "--max-total-tokens", "16384", "--concurrency", "1", "2", "--ks", "3",
+                      "--tokens", "6", "--rounds", "1", "--warmup-tokens", "2",
+                      "--max-position", "8", "--position-step", "4", "--window", "2",
+                      "--out", str(out)])
+    data = check_output(out)
+    assert data["levels"] == r["levels"]
+    assert set(data["levels"]) == {"unguided", "guided_k3", "plain_sglang"}
+    for by_c in data["levels"].values():
+        assert set(by_c) == {"1", "2"}
+        for level in by_c.values():
+            assert level["tokens"] == 6 * level["requests"]  # every request ran to --tokens
+            assert finite(level["output_tok_s"]) and level["output_tok_s"] > 0
+            assert finite(level["ttft_s"]["mean"]) and level["ttft_s"]["mean"] > 0
+            assert finite(level["itl_s"]["mean"]) and level["itl_s"]["mean"] > 0
+    for curve in data["per_position_s"].values():
+        assert list(curve) == ["4", "8"] and all(finite(v) and v > 0 for v in curve.values())
+    for by_pair in data["ratios"].values():
+        assert set(by_pair) == {"guided_k3_vs_unguided", "unguided_vs_plain_sglang"}
+        assert all(finite(v["output_tok_s"]) and v["output_tok_s"] > 0 for v in by_pair.values())
+    assert data["plain_server"]["model"] and data["server"]["lenvm"]["gamma"]
+
+
+def test_length_following_smoke(server, tmp_path):
+    out = tmp_path / "lf.json"
+    length_following.main(["--base-url", server.url, "--limit", "2", "--targets", "4",
+                           "--max-tokens-factor", "2", "--concurrency", "8", "--out", str(out)])
+    data = check_output(out, ".png", "_lengths.png")
+    assert not data["errors"]
+    assert len(data["records"]) == 2 * 3 * 1 * 2  # prompts x modes x targets x runs
+    for r in data["records"]:
+        assert r["length"] >= 1 and finite(r["ld"]) and 0 <= r["ls"] <= 100
+        assert (r["predicted_length"] is not None) == (r["run"] == "lenvm")
+    s = data["summary"]
+    for run in ("baseline", "lenvm"):
+        for mode in ("equal", "at_most", "at_least"):
+            for c in s["cells"][run][mode].values():
+                assert c["n"] + c["dropped"] == 2
+                if c["n"]:
+                    assert 0 <= c["ls"] <= 100 and c["deviation"] >= 0
+    # The guarantees of at_most / at_least hold whatever the LenVM (the tiny one is random).
+    assert all(c["ls"] == 100 for c in s["cells"]["lenvm"]["at_most"].values() if c["n"])
+    assert all(c["ls"] == 100 for c in s["cells"]["lenvm"]["at_least"].values() if c["n"])
+
+
+def test_length_following_reads_lifebench_format(server, tmp_path):
+    rows = [{"id": 1, "category": "qa", "type": "Knowledge", "lang": "en",
+             "task": "[Instruction] Why is the sea salty?\n\n[Requirement] Your response must "
+                     "be {word_count_type} {word_count} words long.",
+             "raw_data": "Why is the sea salty?"},
+            {"id": 2, "category": "reasoning", "type": "Deductive", "lang": "cn",
+             "task": "[指令] 谁说了真话？\n\n[要求] 你的推理字数必须{word_count_type} {word_count}字。",
+             "raw_data": "谁说了真话？"}]
+    path = tmp_path / "lifebench.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    out = tmp_path / "lb.json"
+    length_following.main(["--base-url", server.url, "--lifebench", str(path), "--targets",
+                           "4", "--modes", "equal", "--max-tokens-factor", "2", "--out", str(out)])
+    data = check_output(out)
+    assert data["prompt_set"] == str(path) and len(data["records"]) == 4
+    assert {r["lang"] for r in data["records"]} == {"en", "cn"}
+
+
+def test_prediction_smoke(server, tmp_path):
+    out = tmp_path / "pred.json"
+    prediction.main(["--base-url", server.url, "--limit", "3", "--n", "2", "--max-tokens", "16",
+                     "--out", str(out)])
+    data = check_output(out)
+    assert 0 < data["gamma"] < 1
+    for p in data["per_prompt"]:
+        assert len(p["lengths"]) == 2 and all(1 <= n <= 16 for n in p["lengths"])
+        assert 0 < p["l_gt"] <= p["mean_length"] + 1e-9
+        assert finite(p["predicted_length"]) and p["predicted_length"] >= 0
+        assert 0 <= p["p0"] <= 1
+    o = data["overall"]
+    assert o["prompts"] == 3 and o["samples"] == 6
+    assert finite(o["mre_l_gt"]) and o["mre_l_gt"] >= 0
+    assert finite(o["mre_mean_length"]) and o["mre_mean_length"] >= 0
+
+
+def test_tradeoff_smoke(server, tmp_path):
+    out = tmp_path / "tradeoff.json"
+    tradeoff.main(["--base-url", server.url, "--problems", "2", "--n", "2", "--betas", "0",
+                   "-50", "--budgets", "4", "8", "32", "--max-tokens", "16", "--out", str(out)])
+    data = check_output(out)
+    assert set(data["beta"]) == {"0", "-50"} and set(data["budget"]) == {"4", "8"}
+    for name, pt in [*data["beta"].items(), *data["budget"].items()]:
+        assert pt["n"] == 4 and 0 <= pt["accuracy"] <= 1, name
+        assert 1 <= pt["mean_truncated_length"] <= 16, name
+    assert data["budget"]["4"]["mean_truncated_length"] <= 4
+    assert len(data["samples"]) == 8 and len(data["problems"]) == 2
+
+
+def test_length_tokens_smoke(server, tmp_path):
+    out = tmp_path / "lt.json"
+    length_tokens.main(["--base-url", server.url, "--limit", "2", "--n", "2", "--max-tokens",
+                        "16", "--min-count", "1", "--top", "5", "--out", str(out)])
+    data = check_output(out)
+    assert data["n_samples"] == 4 and data["n_scored_tokens"] >= 1
+    t = data["tokens"]
+    assert t["lengthening"] or t["shortening"]
+    assert all(x["mean"] > 0 and x["count"] >= 1 for x in t["lengthening"])
+    assert all(x["mean"] < 0 for x in t["shortening"])
+    # |s_t| <= 1 + (1 - gamma): p is in [0, 1]
+    for x in t["lengthening"] + t["shortening"]:
+        assert finite(x["mean"]) and abs(x["mean"]) <= 2
