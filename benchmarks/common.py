@@ -77,6 +77,15 @@ def build_tiny(root: Path) -> tuple[str, str]:
     return str(root / "base"), str(root / "lenvm")
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its docstring as help, and the server arguments."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=doc.split("\n", 1)[1])
+    add_server_args(ap)
+    return ap
+
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("server (give one of --base-url, --model-path/--lenvm-path, "
                               "--demo, --tiny)")
@@ -282,6 +291,13 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def spread(rows: list, limit: Optional[int]) -> list:
+    """`limit` rows evenly spaced over `rows` (all of them without a limit)."""
+    if limit is None or limit >= len(rows):
+        return rows
+    return [rows[i * len(rows) // limit] for i in range(max(limit, 0))]
+
+
 def plain_messages(row: dict) -> list[dict]:
     """The chat messages of a prompt row without any length requirement: `messages`, else a
     user message from `prompt` (our prompt files), else from `raw_data` (LIFEBench rows)."""
@@ -335,6 +351,14 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
     return path
+
+
+def finish(result: dict, out, plot: Callable, report: Callable, plots=(".png",)) -> dict:
+    """Write the JSON and the plots beside it, print the report."""
+    write_json(out, result)
+    plot(result, *(sibling(out, suffix) for suffix in plots))
+    print(report(result))
+    return result
 
 
 def sibling(out: str | os.PathLike, suffix: str) -> Path:

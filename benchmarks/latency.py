@@ -28,7 +28,6 @@ stay flat). Ratios (guided / unguided, unguided / plain) are of numbers from the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import statistics
@@ -220,10 +219,7 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
-    common.add_server_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--plain-base-url", help="a running plain SGLang server on the same base "
                     "model (with --base-url)")
     ap.add_argument("--plain-model-path", help="start plain SGLang on this base model (with "
@@ -266,10 +262,7 @@ def main(argv=None) -> dict:
         result["notes"].append("plain SGLang baseline not measured: --base-url without "
                                "--plain-base-url or --plain-model-path")
     result["ratios"] = ratios(result, args.ks)
-    common.write_json(args.out, result)
-    plot(result, common.sibling(args.out, ".png"))
-    print(report(result))
-    return result
+    return common.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

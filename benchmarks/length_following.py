@@ -35,7 +35,6 @@ outputs with L <= 1 are dropped (counted in `dropped`).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 from benchmarks import common
@@ -225,15 +224,13 @@ def pct(x):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
-    common.add_server_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--lifebench", help="LIFEBench JSONL (id, category, type, lang, task, "
                                         "raw_data) instead of our prompt set")
     ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"),
                     help="our prompt set (LIFEBench format, used without --lifebench)")
-    ap.add_argument("--limit", type=int, help="use only the first N prompts")
+    ap.add_argument("--limit", type=int, help="use N prompts spread evenly over the file "
+                    "(our set is ordered by language and category, so every group stays)")
     ap.add_argument("--targets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
@@ -248,7 +245,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     path = args.lifebench or args.prompts
-    rows = common.load_jsonl(path)[: args.limit]
+    rows = common.spread(common.load_jsonl(path), args.limit)
     wording = LIFEBENCH_WORDING if args.lifebench else OUR_WORDING
     result = {**common.header(args), "prompt_set": path, "n_prompts": len(rows)}
     with common.lenvm_server(args, ap) as srv:
@@ -263,10 +260,7 @@ def main(argv=None) -> dict:
     records = [r for r in records if r is not None]
     result["summary"] = summarize(records, args)
     result["records"] = records
-    common.write_json(args.out, result)
-    plot(result, common.sibling(args.out, ".png"), common.sibling(args.out, "_lengths.png"))
-    print(report(result))
-    return result
+    return common.finish(result, args.out, plot, report, plots=(".png", "_lengths.png"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ bar chart), and the single occurrences with the largest |s_t| with their precedi
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import torch
@@ -133,13 +132,11 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
-    common.add_server_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"),
                     help="JSONL rows with messages, prompt or raw_data")
-    ap.add_argument("--limit", type=int, help="use only the first N prompts")
+    ap.add_argument("--limit", type=int, help="use N prompts spread evenly over the file "
+                    "(our set is ordered by language and category, so every group stays)")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -150,7 +147,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(common.RESULTS / "length_tokens.json"))
     args = ap.parse_args(argv)
 
-    rows = common.load_jsonl(args.prompts)[: args.limit]
+    rows = common.spread(common.load_jsonl(args.prompts), args.limit)
     result = common.header(args)
     with common.lenvm_server(args, ap) as srv:
         url = srv["url"]
@@ -169,10 +166,7 @@ def main(argv=None) -> dict:
                   mean_length=common.mean(s["length"] for s in samples))
     result["tokens"] = aggregate(samples, args.top, args.min_count)
     result["occurrences"] = top_occurrences(samples, args.top)
-    common.write_json(args.out, result)
-    plot(result, common.sibling(args.out, ".png"))
-    print(report(result))
-    return result
+    return common.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

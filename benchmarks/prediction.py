@@ -22,7 +22,6 @@ Default: the bare questions (raw_data) of benchmarks/data/length_prompts.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 from benchmarks import common
@@ -103,12 +102,10 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
-    common.add_server_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"))
-    ap.add_argument("--limit", type=int, help="use only the first N prompts")
+    ap.add_argument("--limit", type=int, help="use N prompts spread evenly over the file "
+                    "(our set is ordered by language and category, so every group stays)")
     ap.add_argument("--n", type=int, default=16, help="samples per prompt (the paper: 64)")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -117,7 +114,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(common.RESULTS / "prediction.json"))
     args = ap.parse_args(argv)
 
-    rows = common.load_jsonl(args.prompts)[: args.limit]
+    rows = common.spread(common.load_jsonl(args.prompts), args.limit)
     result = common.header(args)
     with common.lenvm_server(args, ap) as srv:
         url = srv["url"]
@@ -142,10 +139,7 @@ def main(argv=None) -> dict:
     result["by_group"] = {f"{c}/{l}": aggregate([p for p in pp if (p["category"], p["lang"])
                                                  == (c, l)]) for c, l in groups}
     result["per_prompt"] = pp
-    common.write_json(args.out, result)
-    plot(result, common.sibling(args.out, ".png"))
-    print(report(result))
-    return result
+    return common.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ Accuracy = Pass@1 = the mean over all samples of all problems.
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 from typing import Optional
@@ -238,10 +237,7 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n", 1)[1])
-    common.add_server_args(ap)
+    ap = common.parser(__doc__)
     ap.add_argument("--problems", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--level", choices=sorted(TEMPLATES), default="gsm",
@@ -283,10 +279,7 @@ def main(argv=None) -> dict:
     result["beta"] = {f"{b:g}": point(v) for b, v in by_beta.items()}
     result["budget"] = {str(B): point(by_beta[0], B) for B in budgets}
     result["samples"] = samples
-    common.write_json(args.out, result)
-    plot(result, common.sibling(args.out, ".png"))
-    print(report(result))
-    return result
+    return common.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

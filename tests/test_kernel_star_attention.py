@@ -7,28 +7,14 @@ device (and no TRITON_INTERPRET) they run compiled, on the GPU, in this process.
 """
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import DEVICE, needs_device, not_in_child, run_in_interpreter
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
-needs_device = pytest.mark.skipif(DEVICE is None, reason="no CUDA: runs in the interpreter child")
-
-
-@pytest.mark.skipif(INTERPRET, reason="already the interpreter child")
+@not_in_child
 def test_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-W", "ignore::UserWarning"],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, (
-        proc.stdout[-6000:] + proc.stderr[-3000:])
+    run_in_interpreter(__file__)
 
 
 def _case(B, K, hq, hkv, d, prefix, has_root, dtype, seed=0, fused_qkv=False):

@@ -1,37 +1,19 @@
 """The fused value head + decision kernels vs the torch path (ValueHead math, force_stop_value,
 the scorer's NaN handling, decide).
 
-Runs on CPU in a TRITON_INTERPRET=1 child process (see test_kernel_star_attention.py for why),
+Runs on CPU in a TRITON_INTERPRET=1 child process (see tests/interpreter.py for why),
 or compiled in-process when a CUDA device is present.
 """
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import DEVICE, needs_device, not_in_child, run_in_interpreter
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
-needs_device = pytest.mark.skipif(DEVICE is None, reason="no CUDA: runs in the interpreter child")
-GAMMA = 0.99
-# On a GPU the fc GEMM runs in 3xTF32 (about float32 accuracy, not bit-equal to torch's SGEMM)
-P_ATOL, Q_ATOL, Z_ATOL = (1e-5, 1e-4, 1e-4) if DEVICE == "cuda" else (2e-6, 1e-5, 2e-5)
-NONE, EQUAL, AT_MOST, AT_LEAST = 0, 1, 2, 3
-
-
-@pytest.mark.skipif(INTERPRET, reason="already the interpreter child")
+@not_in_child
 def test_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-W", "ignore::UserWarning"],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, (
-        proc.stdout[-6000:] + proc.stderr[-3000:])
+    run_in_interpreter(__file__)
 
 
 def test_mode_codes_match_length_state():

@@ -100,3 +100,16 @@ def test_stats_counters(server):
     stats = server.get("/lenvm/stats").json()[0]
     assert stats["star_forwards"] > 0 and stats["candidates_scored"] > 0
     assert stats["gamma"] == 0.997 and stats["default_top_k"] == 15
+
+
+def test_only_candidates_inside_the_truncation_are_scored(server):
+    """min_p = 1 keeps only the most likely token: one LenVM candidate per step, not top_k."""
+    def scored(**sp):
+        before = server.get("/lenvm/stats").json()[0]["candidates_scored"]
+        out = generate(server, "one candidate", max_new_tokens=6, temperature=1.0,
+                       length_target=6, length_mode="at_least", top_k=5, **sp)
+        assert len(out["output_ids"]) == 6
+        return server.get("/lenvm/stats").json()[0]["candidates_scored"] - before
+
+    assert scored() == 5 * 6  # prefill step + 5 decode steps, 5 candidates each
+    assert scored(min_p=1.0) == 6

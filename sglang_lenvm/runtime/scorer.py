@@ -81,6 +81,8 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
         cand, probs_of = _candidates(worker, row_logits, temps, st, sampling_info, rows, K)
         cand.valid &= steer.view(-1, 1)
         cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
+        if not worker.use_kernels:
+            cand = _drop_unused_slots(cand)
         if MODE_AT_MOST in host_modes:
             at_most = (st.mode == MODE_AT_MOST) & steer
             cand = _with_stop_candidate(cand, probs_of, st.stop_ids[:, 0], at_most)
@@ -135,6 +137,22 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
         cand_ids=cand.ids if decision is not None else None,
         p_cand=decision.p_cand if decision is not None else None,
     )
+
+
+def _drop_unused_slots(cand: Candidates) -> Candidates:
+    """Keep only the candidate slots some row uses (CPU path).
+
+    Every slot is a token of the LenVM forward, and on a CPU the forward's cost grows with its
+    token count: with top-p / min-p most rows have far fewer than K candidates. Valid slots
+    are a prefix of each row (truncation keeps the most likely tokens), so the slots past the
+    longest row's count are invalid everywhere. The GPU path keeps K slots: finding the count
+    would cost a device sync, and there the forward is bound by reading the prefix KV.
+    """
+    used = max(int(cand.valid.sum(1).max()), 1)
+    if used == cand.ids.shape[1]:
+        return cand
+    return Candidates(ids=cand.ids[:, :used], base_prob=cand.base_prob[:, :used],
+                      valid=cand.valid[:, :used])
 
 
 def _candidates(worker, row_logits, temps, st, sampling_info, rows, K):

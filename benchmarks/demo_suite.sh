@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The benchmark runs whose results are in the README: the embedded demo pair (SmolLM2-135M-Instruct
+# + its demo LenVM) on a CPU machine, at a modest size. Results go to benchmarks/results/.
+#   benchmarks/demo_suite.sh            # everything (about 2 hours on 2 CPU cores)
+#   benchmarks/demo_suite.sh latency    # one part: latency overhead following prediction
+#                                       # tradeoff tokens soak
+# Timing runs (latency, overhead, soak) start their own servers and need a machine with no other load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=.venv/bin/python
+R=benchmarks/results
+PORT=${PORT:-30123}
+U=--base-url=http://127.0.0.1:$PORT
+parts=${*:-latency overhead soak following prediction tradeoff tokens}
+
+serve() {  # the demo pair in the background, for the accuracy runs
+  if ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then
+    $P -m sglang_lenvm.launch_server --port "$PORT" >"$R/demo_server.log" 2>&1 &
+    trap 'kill %1 2>/dev/null || true' EXIT
+    until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 2; done
+  fi
+}
+
+mkdir -p "$R"
+for part in $parts; do
+  case $part in
+    latency)    $P -m benchmarks.latency --demo --max-total-tokens 32768 --concurrency 1 8 32 64 \
+                  --ks 5 15 --tokens 64 --rounds 1 --max-position 512 --position-step 128 ;;
+    overhead)   $P -m benchmarks.guided_overhead --tiny ;;
+    soak)       $P -m benchmarks.soak --tiny --seconds 120 --clients 32 ;;
+    following)  serve; $P -m benchmarks.length_following "$U" --limit 12 ;;
+    prediction) serve; $P -m benchmarks.prediction "$U" --n 8 --max-tokens 1024 ;;
+    tradeoff)   serve; $P -m benchmarks.tradeoff "$U" --level easy --problems 24 --n 2 \
+                  --max-tokens 256 --budgets 16 32 48 64 96 128 192 256 ;;
+    tokens)     serve; $P -m benchmarks.length_tokens "$U" --n 3 --max-tokens 256 ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
