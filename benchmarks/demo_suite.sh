@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark runs whose results are in the README: the embedded demo pair (SmolLM2-135M-Instruct
 # + its demo LenVM) on a CPU machine, at a modest size. Results go to benchmarks/results/.
-#   benchmarks/demo_suite.sh            # everything (about 2 hours on 2 CPU cores)
+#   benchmarks/demo_suite.sh            # everything (about 1.5 hours on 2 CPU cores)
 #   benchmarks/demo_suite.sh latency    # one part: latency overhead following prediction
 #                                       # tradeoff tokens soak
 # Timing runs (latency, overhead, soak) start their own servers and need a machine with no other load.
@@ -28,11 +28,12 @@ for part in $parts; do
                   --ks 5 15 --tokens 64 --rounds 1 --max-position 512 --position-step 128 ;;
     overhead)   $P -m benchmarks.guided_overhead --tiny ;;
     soak)       $P -m benchmarks.soak --tiny --seconds 120 --clients 32 ;;
-    following)  serve; $P -m benchmarks.length_following "$U" --limit 12 ;;
-    prediction) serve; $P -m benchmarks.prediction "$U" --n 8 --max-tokens 1024 ;;
-    tradeoff)   serve; $P -m benchmarks.tradeoff "$U" --level easy --problems 24 --n 2 \
-                  --max-tokens 256 --budgets 16 32 48 64 96 128 192 256 ;;
-    tokens)     serve; $P -m benchmarks.length_tokens "$U" --n 3 --max-tokens 256 ;;
+    following)  serve; $P -m benchmarks.length_following "$U" --limit 6 --concurrency 24 ;;
+    prediction) serve; $P -m benchmarks.prediction "$U" --limit 12 --n 6 --max-tokens 512 \
+                  --concurrency 24 ;;
+    tradeoff)   serve; $P -m benchmarks.tradeoff "$U" --level easy --problems 12 --n 2 \
+                  --max-tokens 192 --budgets 16 32 48 64 96 128 192 --concurrency 24 ;;
+    tokens)     serve; $P -m benchmarks.length_tokens "$U" --limit 12 --n 2 --max-tokens 192 ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     if args.base_url:
         url, pid = args.base_url, args.server_pid
     else:
-        from benchmarks.guided_overhead import build_tiny, machine_info  # noqa: F401
+        from benchmarks.common import build_tiny
         from sglang_lenvm.server_process import Server
 
         if args.tiny:
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                         max_total_tokens=65536)
         url, pid = server.url, server.proc.pid
     try:
-        from benchmarks.guided_overhead import machine_info
+        from benchmarks.common import machine_info
 
         run_phase(url, min(10.0, args.seconds / 4), args.clients, args.guided_share, args.seed)
         idle(url)

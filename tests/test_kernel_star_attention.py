@@ -12,6 +12,7 @@ import pytest
 import torch
 from interpreter import DEVICE, needs_device, not_in_child, run_in_interpreter
 
+
 @not_in_child
 def test_interpreter_subprocess():
     run_in_interpreter(__file__)
