@@ -86,6 +86,20 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def add_sampling_args(ap: argparse.ArgumentParser, *, n: int, n_help: str,
+                      max_tokens: int) -> None:
+    """Prompt file, how many prompts, and how to sample from each (unguided, temperature 1)."""
+    ap.add_argument("--prompts", default=str(DATA / "length_prompts.jsonl"),
+                    help="JSONL rows with messages, prompt or raw_data")
+    ap.add_argument("--limit", type=int, help="use N prompts spread evenly over the file "
+                    "(our set is ordered by language and category, so every group stays)")
+    ap.add_argument("--n", type=int, default=n, help=n_help)
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("server (give one of --base-url, --model-path/--lenvm-path, "
                               "--demo, --tiny)")

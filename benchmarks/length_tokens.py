@@ -133,17 +133,9 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = common.parser(__doc__)
-    ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"),
-                    help="JSONL rows with messages, prompt or raw_data")
-    ap.add_argument("--limit", type=int, help="use N prompts spread evenly over the file "
-                    "(our set is ordered by language and category, so every group stays)")
-    ap.add_argument("--n", type=int, default=8, help="samples per prompt")
-    ap.add_argument("--max-tokens", type=int, default=1024)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    common.add_sampling_args(ap, n=8, n_help="samples per prompt", max_tokens=1024)
     ap.add_argument("--top", type=int, default=20, help="tokens per side in the table")
     ap.add_argument("--min-count", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", default=str(common.RESULTS / "length_tokens.json"))
     args = ap.parse_args(argv)
 

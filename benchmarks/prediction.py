@@ -103,14 +103,7 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = common.parser(__doc__)
-    ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"))
-    ap.add_argument("--limit", type=int, help="use N prompts spread evenly over the file "
-                    "(our set is ordered by language and category, so every group stays)")
-    ap.add_argument("--n", type=int, default=16, help="samples per prompt (the paper: 64)")
-    ap.add_argument("--max-tokens", type=int, default=2048)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--concurrency", type=int, default=16)
+    common.add_sampling_args(ap, n=16, n_help="samples per prompt (the paper: 64)", max_tokens=2048)
     ap.add_argument("--out", default=str(common.RESULTS / "prediction.json"))
     args = ap.parse_args(argv)
 
