@@ -128,6 +128,14 @@ def _decision_kernel(
     dist = tl.where(valid, tl.abs(length - r), INF)
     admissible = tl.where(mode == 2, length < r + 0.5,
                           tl.where(mode == 3, length > r - 0.5, True)) & valid
+    # at_most with budget left where only stop tokens fit: the shortest non-stop candidate is
+    # admissible too (decide()), so a LenVM that predicts every continuation too long does
+    # not end the output at once.
+    go_on = valid & ~is_stop & k_ok
+    shortest = offs_k == tl.argmin(tl.where(go_on, length, INF), 0, tie_break_left=True)
+    go_on_fits = tl.sum((admissible & go_on).to(tl.int32), 0) > 0
+    rescue = (mode == 2) & (r >= 0.5) & ~go_on_fits
+    admissible = admissible | (rescue & shortest & go_on)
     none_ok = tl.sum(admissible.to(tl.int32), 0) == 0
     fallback = tl.where(mode == 2, tl.where(valid, length, INF), tl.where(valid, -length, INF))
     deterministic = (mode == 1) | ((mode != 0) & none_ok)

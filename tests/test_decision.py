@@ -129,3 +129,22 @@ def test_distribution_to_logits_reproduces_q_after_temperature():
     assert torch.allclose(probs, torch.tensor([[0, 0.4, 0, 0.6, 0, 0]]), atol=1e-6)
     dup = distribution_to_logits(torch.tensor([[0.5, 0.5]]), torch.tensor([[2, 2]]), 4, torch.ones(1))
     assert math.isclose(torch.softmax(dup, -1)[0, 2].item(), 1.0, rel_tol=1e-6)
+
+
+def test_at_most_does_not_end_at_once_when_only_stop_fits():
+    """Slot 1 is EOS (p = 0, length 0). With budget left and every continuation predicted too
+    long, EOS keeps its base probability but the shortest continuation is admissible too;
+    at the last token (r = 0) only EOS remains."""
+    c = cand([[0.5, 0.1, 0.3, 0.1]])
+    is_stop = torch.tensor([[False, True, False, False]])
+    p = p_of([[30, 0, 20, 40]])
+
+    def at_most(generated):
+        return decide(c, p, mode=torch.tensor([MODE_AT_MOST]), target=torch.tensor([16]),
+                      generated=torch.tensor([generated]), beta=torch.zeros(1),
+                      greedy=torch.tensor([False]), gamma=G, is_stop=is_stop)
+
+    assert torch.allclose(at_most(0), torch.tensor([[0, 0.25, 0.75, 0]]))  # r = 15
+    assert at_most(15).tolist() == [[0, 1, 0, 0]]  # r = 0
+    # Without the stop mask (the old rule) the output would end here.
+    assert run(c, p, MODE_AT_MOST, 16, 0).tolist() == [[0, 1, 0, 0]]

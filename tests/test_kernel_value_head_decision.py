@@ -169,3 +169,28 @@ def test_value_head_only_matches_reference_z():
     ).squeeze(-1)
     got = value_head_triton(*(x.to(DEVICE) for x in (hidden, W, b, ws, bs)))
     assert got.shape == (37,) and torch.allclose(got.cpu(), want, atol=Z_ATOL)
+
+
+@needs_device
+def test_at_most_keeps_going_when_only_stop_fits():
+    """Budget left (r = 1, row 0) and every continuation predicted longer: EOS and the shortest
+    continuation share the sampling mass; at r = 0 (row 1) only EOS is left."""
+    torch.manual_seed(3)
+    B, K, H = 2, 4, 64
+    head = _head(H, 3)
+    hidden = torch.randn(K + 1, H).repeat(B, 1)  # both rows: the same tree, other budgets
+    ids = torch.tensor([[30, 7, 31, 32], [30, 7, 31, 32]])
+    base = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * B)
+    kw = dict(ids=ids, base_prob=base, valid=torch.ones(B, K, dtype=torch.bool),
+              stop_ids=torch.tensor([[7, -1]] * B), has_root=True,
+              mode=torch.full((B,), AT_MOST), target=torch.tensor([5, 4]),
+              generated=torch.tensor([3, 3]), beta=torch.zeros(B),
+              greedy=torch.zeros(B, dtype=torch.bool), gamma=GAMMA)
+    got, want = _run_both(hidden, head, **kw)
+    _compare(got, want)
+    lengths = _lengths(want.p_cand.cpu())
+    assert (lengths[0, [0, 2, 3]] > 1.5).all()  # no continuation fits r = 1
+    shortest = [0, 2, 3][int(lengths[0, [0, 2, 3]].argmin())]
+    q = want.q.cpu()
+    assert q[0, 1] > 0 and q[0, shortest] > 0 and q[0].sum().item() == pytest.approx(1)
+    assert q[1].tolist() == [0, 1, 0, 0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 
@@ -59,10 +60,14 @@ def select_candidates(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     return Candidates(ids=ids, base_prob=base, valid=valid)
 
 
+def stop_mask(ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """[B, K] True where a candidate is one of its row's stop tokens (stop_ids -1 padded)."""
+    return ((ids.unsqueeze(-1) == stop_ids.unsqueeze(1)) & (stop_ids.unsqueeze(1) >= 0)).any(-1)
+
+
 def force_stop_value(p: torch.Tensor, ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     """p = 0 for candidates that are stop tokens of their row (EOS ends the generation)."""
-    is_stop = (ids.unsqueeze(-1) == stop_ids.unsqueeze(1)).any(-1)  # [B, K]
-    return torch.where(is_stop, torch.zeros_like(p), p)
+    return torch.where(stop_mask(ids, stop_ids), torch.zeros_like(p), p)
 
 
 def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -73,14 +78,16 @@ def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: torch.Tensor,
            generated: torch.Tensor, beta: torch.Tensor, greedy: torch.Tensor,
-           gamma: float) -> torch.Tensor:
+           gamma: float, is_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
     p [B, K] are the LenVM values of prefix + candidate (stop tokens already 0). With
     r = max(target - generated - 1, 0) the budget left after this token and l(x) the predicted
     remaining length:
       equal:    one-hot on argmin |l(x) - r| (ties: higher base probability);
-      at_most:  base restricted to l(x) <= r (none: one-hot argmin l);
+      at_most:  base restricted to l(x) <= r (none: one-hot argmin l); while budget is left
+                (r >= 1) and only stop tokens fit, the shortest non-stop candidate is
+                admissible too (is_stop [B, K] marks the stop slots);
       at_least: base restricted to l(x) >= r (none: one-hot argmax l);
     (l is compared after rounding to the nearest token: l < r + 1/2, l > r - 1/2)
       none:     base over all candidates.
@@ -100,6 +107,15 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
                              torch.where(mode == MODE_AT_LEAST, length > r - 0.5,
                                          torch.ones_like(valid)))
     admissible &= valid
+    if is_stop is not None:
+        # A LenVM that predicts every continuation too long would otherwise leave only EOS
+        # admissible and end the output at once, however much budget is left. Keep stopping
+        # possible (with its base probability) but also let the shortest continuation in.
+        go_on = valid & ~is_stop
+        shortest = torch.nn.functional.one_hot(
+            torch.where(go_on, length, inf).argmin(dim=1), valid.shape[1]).bool() & go_on
+        rescue = (mode == MODE_AT_MOST) & (r >= 0.5) & ~(admissible & go_on).any(1, keepdim=True)
+        admissible |= rescue & shortest
     none_ok = ~admissible.any(dim=1, keepdim=True)
     fallback = torch.where(mode == MODE_AT_MOST, torch.where(valid, length, inf),
                            torch.where(valid, -length, inf))
@@ -133,11 +149,13 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
 
     `sglang_lenvm.kernels.value_head_decision` fuses this with the value head on GPU.
     """
-    p_cand = force_stop_value(p_all[:, int(has_root):], cand.ids, stop_ids)
+    is_stop = stop_mask(cand.ids, stop_ids)
+    p_cand = torch.where(is_stop, torch.zeros_like(p_all[:, int(has_root):]),
+                         p_all[:, int(has_root):])
     cand_ok = torch.where(cand.valid, torch.isfinite(p_cand), torch.ones_like(cand.valid)).all(1)
     p_cand = torch.nan_to_num(p_cand, nan=0.0)
     q = decide(cand, p_cand, mode=mode, target=target, generated=generated, beta=beta,
-               greedy=greedy, gamma=gamma)
+               greedy=greedy, gamma=gamma, is_stop=is_stop)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 
