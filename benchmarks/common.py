@@ -100,6 +100,12 @@ def add_sampling_args(ap: argparse.ArgumentParser, *, n: int, n_help: str,
     ap.add_argument("--concurrency", type=int, default=16)
 
 
+def sampling_body(args, model: str, messages: list[dict], **extra) -> dict:
+    """A chat request sampled as add_sampling_args describes."""
+    return {"model": model, "messages": messages, "max_tokens": args.max_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, **extra}
+
+
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("server (give one of --base-url, --model-path/--lenvm-path, "
                               "--demo, --tiny)")
@@ -126,7 +132,8 @@ def model_paths(args, ap) -> tuple[str, str, Optional[tempfile.TemporaryDirector
         return (*materialize_demo(), None)
     if args.model_path and args.lenvm_path:
         return args.model_path, args.lenvm_path, None
-    ap.error("give --base-url, or --model-path and --lenvm-path, or --demo, or --tiny")
+    choices = "--model-path and --lenvm-path, or --demo, or --tiny"
+    ap.error(f"give --base-url, or {choices}" if hasattr(args, "base_url") else f"give {choices}")
 
 
 @contextlib.contextmanager

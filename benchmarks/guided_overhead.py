@@ -1,7 +1,7 @@
 """What guided decoding costs per step, and what a loaded LenVM costs unguided traffic.
 
     python -m benchmarks.guided_overhead --tiny            # tiny random models built on the fly
-    python -m benchmarks.guided_overhead --model-path BASE --lenvm-path LENVM
+    python -m benchmarks.guided_overhead --model-path BASE --lenvm-path LENVM   # or --demo
 
 Starts the servers itself (one at a time: an idle SGLang scheduler on a CPU spins on a core, so
 two servers side by side would slow each other) and measures:
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.common import build_tiny, machine_info, throughput, write_json
+from benchmarks.common import machine_info, model_paths, throughput, write_json
 from sglang_lenvm.server_process import Server
 
 DECODE_LOG = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+),.*"
@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model-path")
     ap.add_argument("--lenvm-path")
     ap.add_argument("--tiny", action="store_true", help="build tiny random models")
+    ap.add_argument("--demo", action="store_true", help="the embedded demo pair")
     ap.add_argument("--positions", type=int, nargs=2, default=[50, 1000])
     ap.add_argument("--window", type=int, default=40)
     ap.add_argument("--decode-log-interval", type=int, default=10)
@@ -95,13 +96,8 @@ def main(argv=None) -> dict:
                     help="extra argument for both servers (repeatable)")
     ap.add_argument("--out", default="benchmarks/results/guided_overhead.json")
     args = ap.parse_args(argv)
+    base, lenvm, models_tmp = model_paths(args, ap)  # models_tmp: keep the tiny models alive
     tmp = tempfile.TemporaryDirectory()
-    if args.tiny:
-        base, lenvm = build_tiny(Path(tmp.name))
-    elif args.model_path and args.lenvm_path:
-        base, lenvm = args.model_path, args.lenvm_path
-    else:
-        ap.error("give --tiny, or --model-path and --lenvm-path")
 
     far = args.positions[1] + args.window + 1
     result = {"machine": machine_info(), "settings": vars(args), "step_s": {},

@@ -146,9 +146,8 @@ def main(argv=None) -> dict:
         result["server"] = common.server_info(url)
         gamma = common.gamma_of(url)
         model = common.model_name(url)
-        bodies = [{"model": model, "messages": common.plain_messages(r),
-                   "max_tokens": args.max_tokens, "temperature": args.temperature,
-                   "top_p": args.top_p, "return_length_values": True, "logprobs": True}
+        bodies = [common.sampling_body(args, model, common.plain_messages(r),
+                                       return_length_values=True, logprobs=True)
                   for r in rows for _ in range(args.n)]
         samples = common.parallel_map(lambda b: sample(url, b, gamma), bodies,
                                       args.concurrency, "sample")

@@ -117,9 +117,7 @@ def main(argv=None) -> dict:
         # Predictions first: they are prefill-only, and then cache the prompts for the samples.
         preds = common.parallel_map(lambda m: predict(url, m), messages, args.concurrency,
                                     "predict")
-        bodies = [{"model": model, "messages": m, "max_tokens": args.max_tokens,
-                   "temperature": args.temperature, "top_p": args.top_p}
-                  for m in messages for _ in range(args.n)]
+        bodies = [common.sampling_body(args, model, m) for m in messages for _ in range(args.n)]
         samples = common.parallel_map(lambda b: sample(url, b), bodies, args.concurrency,
                                       "sample")
     gamma = preds[0]["gamma"]

@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-url")
     ap.add_argument("--server-pid", type=int, help="for the RSS check with --base-url")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--demo", action="store_true")
     ap.add_argument("--model-path")
     ap.add_argument("--lenvm-path")
     ap.add_argument("--seconds", type=float, default=120)
@@ -171,15 +172,10 @@ def main(argv=None) -> int:
     if args.base_url:
         url, pid = args.base_url, args.server_pid
     else:
-        from benchmarks.common import build_tiny
+        from benchmarks.common import model_paths
         from sglang_lenvm.server_process import Server
 
-        if args.tiny:
-            base, lenvm = build_tiny(Path(tmp.name))
-        elif args.model_path and args.lenvm_path:
-            base, lenvm = args.model_path, args.lenvm_path
-        else:
-            ap.error("give --base-url, --tiny, or --model-path and --lenvm-path")
+        base, lenvm, models_tmp = model_paths(args, ap)  # models_tmp: keep tiny models alive
         server = Server(["--model-path", base, "--lenvm-path", lenvm], Path(tmp.name) / "soak.log",
                         max_total_tokens=65536)
         url, pid = server.url, server.proc.pid
