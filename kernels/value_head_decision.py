@@ -85,7 +85,7 @@ def _decision_kernel(
     stride_zp, stride_ids, stride_base, stride_valid, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr, EQUAL_RATIO: tl.constexpr,
 ):
     b = tl.program_id(0)
     bias = tl.load(SUMMARY_BIAS)
@@ -125,7 +125,10 @@ def _decision_kernel(
     mode = tl.load(MODE + b)
     r = tl.maximum(tl.load(TARGET + b) - tl.load(GENERATED + b) - 1, 0).to(tl.float32)
     INF = float("inf")
-    dist = tl.where(valid, tl.abs(length - r), INF)
+    if EQUAL_RATIO:  # equal_distance "ratio" (decide() says why)
+        dist = tl.where(valid, tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)), INF)
+    else:
+        dist = tl.where(valid, tl.abs(length - r), INF)
     admissible = tl.where(mode == 2, length < r + 0.5,
                           tl.where(mode == 3, length > r - 0.5, True)) & valid
     # at_most with budget left where only stop tokens fit: the shortest non-stop candidate is
@@ -160,6 +163,12 @@ def _decision_kernel(
     greedy = tl.load(GREEDY + b).to(tl.int1)
     q = tl.where(greedy, greedy_pick, q)
     tl.store(Q + b * stride_q + offs_k, q, mask=k_ok)
+
+
+def _equal_ratio(equal_distance: str) -> bool:
+    if equal_distance not in ("ratio", "tokens"):
+        raise ValueError(f"equal_distance must be 'ratio' or 'tokens', got {equal_distance!r}")
+    return equal_distance == "ratio"
 
 
 def _precision(device: torch.device) -> str:
@@ -202,7 +211,8 @@ def value_head_triton(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: to
 
 def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
-                               generated, beta, greedy, gamma: float) -> HeadDecision:
+                               generated, beta, greedy, gamma: float,
+                               equal_distance: str = "ratio") -> HeadDecision:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
@@ -233,14 +243,16 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         p_all.stride(0), p_cand.stride(0), q.stride(0),
         ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
         BLOCK_K=max(2, triton.next_power_of_2(K)),
-        BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])), num_warps=1,
+        BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])),
+        EQUAL_RATIO=_equal_ratio(equal_distance), num_warps=1,
     )
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 
 def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                   ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
-                                  generated, beta, greedy, gamma: float) -> HeadDecision:
+                                  generated, beta, greedy, gamma: float,
+                                  equal_distance: str = "ratio") -> HeadDecision:
     """The torch path of the scorer: ValueHead math, sigmoid, then `decide_from_values`."""
     B, K = ids.shape
     fc = torch.nn.functional.linear(hidden.float(), fc_weight, fc_bias)
@@ -249,4 +261,5 @@ def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, su
     p_all = torch.sigmoid(z).view(B, K + int(has_root))
     return decide_from_values(p_all, Candidates(ids=ids, base_prob=base_prob, valid=valid),
                               stop_ids, has_root=has_root, mode=mode, target=target,
-                              generated=generated, beta=beta, greedy=greedy, gamma=gamma)
+                              generated=generated, beta=beta, greedy=greedy, gamma=gamma,
+                              equal_distance=equal_distance)

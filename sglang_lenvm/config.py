@@ -16,6 +16,9 @@ from typing import Optional
 ENV_VAR = "SGLANG_LENVM_CONFIG"
 DEFAULT_GAMMA = 0.997
 DEFAULT_TOP_K = 15
+# How `equal` measures "closest": ratio of (1 + length), or absolute tokens (the paper's rule).
+EQUAL_DISTANCES = ("ratio", "tokens")
+DEFAULT_EQUAL_DISTANCE = "ratio"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +30,17 @@ class LenVMConfig:
     top_k: int = DEFAULT_TOP_K
     # Largest candidate set a request may ask for (bounds the scratch KV region).
     max_top_k: int = 64
+    # equal: "ratio" compares ln(1 + l) with ln(1 + r); "tokens" compares l with r.
+    equal_distance: str = DEFAULT_EQUAL_DISTANCE
 
     def __post_init__(self):
         if self.gamma is not None and not (0.0 < self.gamma < 1.0 and math.isfinite(self.gamma)):
             raise ValueError(f"--lenvm-gamma must be in (0, 1), got {self.gamma}")
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"--lenvm-top-k must be in [1, {self.max_top_k}], got {self.top_k}")
+        if self.equal_distance not in EQUAL_DISTANCES:
+            raise ValueError(f"--lenvm-equal-distance must be one of {EQUAL_DISTANCES}, "
+                             f"got {self.equal_distance!r}")
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))

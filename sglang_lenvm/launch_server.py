@@ -4,6 +4,8 @@ Takes every `sglang.launch_server` argument plus:
   --lenvm-path PATH     LenVM checkpoint (published layout: backbone + value head)
   --lenvm-gamma G       discount factor (default: `lenvm_gamma` in its config.json, else 0.997)
   --lenvm-top-k K       candidates per step when a guided request sets no top_k (default 15)
+  --lenvm-equal-distance {ratio,tokens}
+                        how `equal` measures the closest candidate (default ratio)
 Without --model-path (and --lenvm-path) it serves the embedded demo pair.
 On a machine without a GPU it adds CPU defaults (--device cpu, float32, a bounded KV cache).
 """
@@ -16,7 +18,13 @@ import os
 import sys
 from typing import List, Optional
 
-from sglang_lenvm.config import DEFAULT_GAMMA, DEFAULT_TOP_K, LenVMConfig
+from sglang_lenvm.config import (
+    DEFAULT_EQUAL_DISTANCE,
+    DEFAULT_GAMMA,
+    DEFAULT_TOP_K,
+    EQUAL_DISTANCES,
+    LenVMConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,11 @@ def _our_parser() -> argparse.ArgumentParser:
                    help=f"discount factor (default: lenvm_gamma in the checkpoint, else {DEFAULT_GAMMA})")
     g.add_argument("--lenvm-top-k", type=int, default=DEFAULT_TOP_K,
                    help="candidates per step for guided requests without their own top_k")
+    g.add_argument("--lenvm-equal-distance", choices=EQUAL_DISTANCES,
+                   default=DEFAULT_EQUAL_DISTANCE,
+                   help="length_mode=equal picks the candidate whose predicted remaining length "
+                        "l is closest to the budget r: 'ratio' compares ln(1+l) with ln(1+r), "
+                        "'tokens' compares l with r (the paper's rule)")
     return p
 
 
@@ -86,7 +99,7 @@ def prepare(argv: List[str]):
             check_same_tokenizer(base, ours.lenvm_path)
         gamma = ours.lenvm_gamma if ours.lenvm_gamma is not None else (ckpt.gamma or DEFAULT_GAMMA)
         config = LenVMConfig(lenvm_path=os.path.abspath(ours.lenvm_path), gamma=gamma,
-                             top_k=ours.lenvm_top_k)
+                             top_k=ours.lenvm_top_k, equal_distance=ours.lenvm_equal_distance)
         config.to_env()
     else:
         os.environ.pop("SGLANG_LENVM_CONFIG", None)

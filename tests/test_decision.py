@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from sglang_lenvm.runtime.decision import (
@@ -29,22 +30,58 @@ def cand(base, valid=None):
     return Candidates(ids=ids, base_prob=base, valid=v)
 
 
-def run(c, p, mode, target, generated, beta=0.0, greedy=False):
+def run(c, p, mode, target, generated, beta=0.0, greedy=False, equal_distance="ratio"):
     n = p.shape[0]
     return decide(c, p, mode=torch.full((n,), mode), target=torch.full((n,), target),
                   generated=torch.full((n,), generated), beta=torch.full((n,), float(beta)),
-                  greedy=torch.full((n,), greedy), gamma=G)
+                  greedy=torch.full((n,), greedy), gamma=G, equal_distance=equal_distance)
 
 
-def test_equal_picks_closest_length_with_probability_tiebreak():
+@pytest.mark.parametrize("distance", ["ratio", "tokens"])
+def test_equal_picks_closest_length(distance):
     c = cand([[0.4, 0.3, 0.2, 0.1]])
     # target 10, 3 generated: budget after this token r = 6
-    q = run(c, p_of([[2, 5, 7, 6]]), MODE_EQUAL, 10, 3)
+    q = run(c, p_of([[2, 5, 7, 6]]), MODE_EQUAL, 10, 3, equal_distance=distance)
     assert q.tolist() == [[0, 0, 0, 1]]
-    q = run(c, p_of([[9, 5, 7, 3]]), MODE_EQUAL, 10, 3)  # 5 and 7 tie at distance 1
+    q = run(c, p_of([[9, 5, 7, 3]]), MODE_EQUAL, 10, 12, equal_distance=distance)
+    assert q.tolist() == [[0, 0, 0, 1]]  # over budget: r = 0, shortest wins
+
+
+def test_equal_tokens_ties_go_to_the_more_likely_candidate():
+    c = cand([[0.4, 0.3, 0.2, 0.1]])
+    q = run(c, p_of([[9, 5, 7, 3]]), MODE_EQUAL, 10, 3, equal_distance="tokens")
+    assert q.tolist() == [[0, 1, 0, 0]]  # r = 6: 5 and 7 tie at distance 1
+    q = run(c, p_of([[9, 7, 5, 3]]), MODE_EQUAL, 10, 3, equal_distance="tokens")
     assert q.tolist() == [[0, 1, 0, 0]]
-    q = run(c, p_of([[9, 5, 7, 3]]), MODE_EQUAL, 10, 12)  # over budget: r = 0, shortest wins
-    assert q.tolist() == [[0, 0, 0, 1]]
+
+
+def test_equal_ratio_compares_one_plus_lengths():
+    c = cand([[0.4, 0.3, 0.2, 0.1]])
+    # r = 6: lengths 5 and 7 are both 1 token away, but 8/7 < 7/6, so 7 wins in ratio
+    q = run(c, p_of([[9, 5, 7, 3]]), MODE_EQUAL, 10, 3)
+    assert q.tolist() == [[0, 0, 1, 0]]
+    # r = 5: 2 is 3 tokens short and 9 is 4 tokens long, but 6/3 = 2 > 10/6: 9 wins in
+    # ratio, 2 in tokens
+    p = p_of([[30, 2, 9, 40]])
+    assert run(c, p, MODE_EQUAL, 10, 4).tolist() == [[0, 0, 1, 0]]
+    assert run(c, p, MODE_EQUAL, 10, 4, equal_distance="tokens").tolist() == [[0, 1, 0, 0]]
+
+
+def test_equal_ratio_does_not_stop_early_on_an_over_predicting_lenvm():
+    """r = 25 with EOS (0) and a continuation predicted at 60: in tokens EOS is closer
+    (25 < 35) and the output would end 25 tokens short; in ratio the continuation is
+    (61/26 < 26/1). Near the end (r = 2) both stop."""
+    c = cand([[0.5, 0.3, 0.2]])
+    p = p_of([[0, 60, 90]])
+    assert run(c, p, MODE_EQUAL, 40, 14, equal_distance="tokens").tolist() == [[1, 0, 0]]
+    assert run(c, p, MODE_EQUAL, 40, 14).tolist() == [[0, 1, 0]]
+    assert run(c, p, MODE_EQUAL, 40, 37).tolist() == [[1, 0, 0]]
+    assert run(c, p, MODE_EQUAL, 40, 37, equal_distance="tokens").tolist() == [[1, 0, 0]]
+
+
+def test_equal_distance_must_be_known():
+    with pytest.raises(ValueError, match="equal_distance"):
+        run(cand([[1.0]]), p_of([[3]]), MODE_EQUAL, 10, 0, equal_distance="log")
 
 
 def test_equal_ignores_invalid_slots():

@@ -65,8 +65,10 @@ def _lengths(p):
 
 
 @needs_device
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_every_mode_with_root(dtype):
+@pytest.mark.parametrize("dtype,equal_distance", [(torch.bfloat16, "ratio"),
+                                                  (torch.float32, "ratio"),
+                                                  (torch.float32, "tokens")])
+def test_every_mode_with_root(dtype, equal_distance):
     torch.manual_seed(0)
     B, K, H = 9, 5, 80  # H not a multiple of the 32/64 blocks
     head = _head(H, 1)
@@ -99,7 +101,7 @@ def test_every_mode_with_root(dtype):
     greedy = torch.tensor([False, False, False, False, True, True, False, False, True])
     got, want = _run_both(hidden, head, ids=ids, base_prob=base, valid=valid, stop_ids=stop,
                           has_root=True, mode=mode, target=target, generated=generated,
-                          beta=beta, greedy=greedy, gamma=GAMMA)
+                          beta=beta, greedy=greedy, gamma=GAMMA, equal_distance=equal_distance)
     _compare(got, want)
     assert want.p_cand[1, 2] == 0 and want.p_cand[3, 0] == 0  # stops forced to 0
     assert ((want.q > 0) & (want.q < 1)).any(1)[[0, 2, 3]].all()  # sampling rows really sample

@@ -33,6 +33,9 @@ def test_bad_flags_are_refused(models):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                "--lenvm-top-k", "0")
     assert r.returncode != 0 and "--lenvm-top-k" in r.stderr
+    r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
+               "--lenvm-equal-distance", "log")
+    assert r.returncode != 0 and "--lenvm-equal-distance: invalid choice: 'log'" in r.stderr
 
 
 def test_unsupported_server_option_is_refused(models):

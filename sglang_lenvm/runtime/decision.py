@@ -78,13 +78,15 @@ def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: torch.Tensor,
            generated: torch.Tensor, beta: torch.Tensor, greedy: torch.Tensor,
-           gamma: float, is_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
+           gamma: float, is_stop: Optional[torch.Tensor] = None,
+           equal_distance: str = "ratio") -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
     p [B, K] are the LenVM values of prefix + candidate (stop tokens already 0). With
     r = max(target - generated - 1, 0) the budget left after this token and l(x) the predicted
     remaining length:
-      equal:    one-hot on argmin |l(x) - r| (ties: higher base probability);
+      equal:    one-hot on the x whose l(x) is closest to r (ties: higher base probability),
+                by |ln(1 + l(x)) - ln(1 + r)| (equal_distance "ratio") or |l(x) - r| ("tokens");
       at_most:  base restricted to l(x) <= r (none: one-hot argmin l); while budget is left
                 (r >= 1) and only stop tokens fit, the shortest non-stop candidate is
                 admissible too (is_stop [B, K] marks the stop slots);
@@ -101,7 +103,16 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     mode = mode.view(-1, 1)
 
     # Deterministic choices: equal always, at_most / at_least when nothing is admissible.
-    dist = torch.where(valid, (length - r).abs(), inf)
+    if equal_distance == "ratio":
+        # The LenVM's errors are relative (a continuation predicted at 100 tokens may well end
+        # at 50) and stopping is final while a continuation is steered again next step. In
+        # tokens, r = 25 is closer to EOS (0) than to a continuation predicted at 60, so an
+        # over-predicting LenVM ends outputs far too early; in ratio it is not (26/1 vs 61/26).
+        dist = torch.where(valid, (torch.log1p(length) - torch.log1p(r)).abs(), inf)
+    elif equal_distance == "tokens":
+        dist = torch.where(valid, (length - r).abs(), inf)
+    else:
+        raise ValueError(f"equal_distance must be 'ratio' or 'tokens', got {equal_distance!r}")
     # A predicted length fits the budget when it rounds to at most (at least) r tokens.
     admissible = torch.where(mode == MODE_AT_MOST, length < r + 0.5,
                              torch.where(mode == MODE_AT_LEAST, length > r - 0.5,
@@ -144,7 +155,7 @@ class HeadDecision:
 
 def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Tensor, *,
                        has_root: bool, mode, target, generated, beta, greedy,
-                       gamma: float) -> HeadDecision:
+                       gamma: float, equal_distance: str = "ratio") -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
     `sglang_lenvm.kernels.value_head_decision` fuses this with the value head on GPU.
@@ -155,7 +166,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
     cand_ok = torch.where(cand.valid, torch.isfinite(p_cand), torch.ones_like(cand.valid)).all(1)
     p_cand = torch.nan_to_num(p_cand, nan=0.0)
     q = decide(cand, p_cand, mode=mode, target=target, generated=generated, beta=beta,
-               greedy=greedy, gamma=gamma, is_stop=is_stop)
+               greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 

@@ -172,7 +172,8 @@ def _candidates(worker, row_logits, temps, st, sampling_info, rows, K):
 def _values_and_decision(worker, tokens, positions, meta, cand, st, generated) -> HeadDecision:
     """One LenVM star forward, the value head and the decision (fused Triton on GPU)."""
     kw = dict(has_root=meta.has_root, mode=st.mode, target=st.target, generated=generated,
-              beta=st.beta, greedy=st.greedy, gamma=worker.gamma)
+              beta=st.beta, greedy=st.greedy, gamma=worker.gamma,
+              equal_distance=worker.config.equal_distance)
     if worker.use_kernels:
         from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 

@@ -15,6 +15,7 @@ def worker_stats(worker, scheduler) -> dict:
         "lenvm_path": worker.config.lenvm_path,
         "gamma": worker.gamma,
         "default_top_k": worker.config.top_k,
+        "equal_distance": worker.config.equal_distance,
         **worker.stats,
         "kv_pool_tokens": int(worker.runner.max_total_num_tokens),
         "kv_bytes_per_token": worker.kv_bytes_per_token(),
