@@ -33,7 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_lenvm.runtime.decision import Candidates, HeadDecision, decide_from_values
+from sglang_lenvm.runtime.decision import (
+    Candidates,
+    HeadDecision,
+    decide_from_values,
+    equal_uses_ratio,
+)
 
 # The kernel spells the mode codes of sglang_lenvm.runtime.length_state as literals:
 MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST = 1, 2, 3
@@ -165,12 +170,6 @@ def _decision_kernel(
     tl.store(Q + b * stride_q + offs_k, q, mask=k_ok)
 
 
-def _equal_ratio(equal_distance: str) -> bool:
-    if equal_distance not in ("ratio", "tokens"):
-        raise ValueError(f"equal_distance must be 'ratio' or 'tokens', got {equal_distance!r}")
-    return equal_distance == "ratio"
-
-
 def _precision(device: torch.device) -> str:
     # 3xTF32 on NVIDIA tensor cores ~ float32 accuracy; IEEE elsewhere (the interpreter ignores it)
     if device.type == "cuda" and torch.version.hip is None:
@@ -244,7 +243,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
         BLOCK_K=max(2, triton.next_power_of_2(K)),
         BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])),
-        EQUAL_RATIO=_equal_ratio(equal_distance), num_warps=1,
+        EQUAL_RATIO=equal_uses_ratio(equal_distance), num_warps=1,
     )
     return HeadDecision(p_all, p_cand, q, cand_ok)
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from sglang_lenvm.config import EQUAL_DISTANCES
 from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL
 
 NEG_INF = float("-inf")
@@ -70,6 +71,13 @@ def force_stop_value(p: torch.Tensor, ids: torch.Tensor, stop_ids: torch.Tensor)
     return torch.where(stop_mask(ids, stop_ids), torch.zeros_like(p), p)
 
 
+def equal_uses_ratio(equal_distance: str) -> bool:
+    """True for "ratio", False for "tokens" (how `equal` measures the closest candidate)."""
+    if equal_distance not in EQUAL_DISTANCES:
+        raise ValueError(f"equal_distance must be one of {EQUAL_DISTANCES}, got {equal_distance!r}")
+    return equal_distance == "ratio"
+
+
 def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
     """l = ln(1 - p) / ln(gamma), p clamped below 1 (float32-safe)."""
     eps = torch.finfo(torch.float32).eps
@@ -103,16 +111,14 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     mode = mode.view(-1, 1)
 
     # Deterministic choices: equal always, at_most / at_least when nothing is admissible.
-    if equal_distance == "ratio":
+    if equal_uses_ratio(equal_distance):
         # The LenVM's errors are relative (a continuation predicted at 100 tokens may well end
         # at 50) and stopping is final while a continuation is steered again next step. In
         # tokens, r = 25 is closer to EOS (0) than to a continuation predicted at 60, so an
         # over-predicting LenVM ends outputs far too early; in ratio it is not (26/1 vs 61/26).
         dist = torch.where(valid, (torch.log1p(length) - torch.log1p(r)).abs(), inf)
-    elif equal_distance == "tokens":
-        dist = torch.where(valid, (length - r).abs(), inf)
     else:
-        raise ValueError(f"equal_distance must be 'ratio' or 'tokens', got {equal_distance!r}")
+        dist = torch.where(valid, (length - r).abs(), inf)
     # A predicted length fits the budget when it rounds to at most (at least) r tokens.
     admissible = torch.where(mode == MODE_AT_MOST, length < r + 0.5,
                              torch.where(mode == MODE_AT_LEAST, length > r - 0.5,
