@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_lenvm.config import DEFAULT_EQUAL_DISTANCE
 from sglang_lenvm.runtime.decision import (
     Candidates,
     HeadDecision,
@@ -211,7 +212,7 @@ def value_head_triton(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: to
 def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
                                generated, beta, greedy, gamma: float,
-                               equal_distance: str = "ratio") -> HeadDecision:
+                               equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> HeadDecision:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
@@ -251,7 +252,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
 def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                   ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
                                   generated, beta, greedy, gamma: float,
-                                  equal_distance: str = "ratio") -> HeadDecision:
+                                  equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> HeadDecision:
     """The torch path of the scorer: ValueHead math, sigmoid, then `decide_from_values`."""
     B, K = ids.shape
     fc = torch.nn.functional.linear(hidden.float(), fc_weight, fc_bias)

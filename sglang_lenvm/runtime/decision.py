@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from sglang_lenvm.config import EQUAL_DISTANCES
+from sglang_lenvm.config import DEFAULT_EQUAL_DISTANCE, EQUAL_DISTANCES
 from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL
 
 NEG_INF = float("-inf")
@@ -87,7 +87,7 @@ def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
 def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: torch.Tensor,
            generated: torch.Tensor, beta: torch.Tensor, greedy: torch.Tensor,
            gamma: float, is_stop: Optional[torch.Tensor] = None,
-           equal_distance: str = "ratio") -> torch.Tensor:
+           equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
     p [B, K] are the LenVM values of prefix + candidate (stop tokens already 0). With
@@ -161,7 +161,7 @@ class HeadDecision:
 
 def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Tensor, *,
                        has_root: bool, mode, target, generated, beta, greedy,
-                       gamma: float, equal_distance: str = "ratio") -> HeadDecision:
+                       gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
     `sglang_lenvm.kernels.value_head_decision` fuses this with the value head on GPU.
