@@ -31,6 +31,8 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.common import machine_info, model_paths, write_json
+
 SHARED = "You are a helpful assistant. Answer carefully and completely. " * 8
 
 
@@ -172,7 +174,6 @@ def main(argv=None) -> int:
     if args.base_url:
         url, pid = args.base_url, args.server_pid
     else:
-        from benchmarks.common import model_paths
         from sglang_lenvm.server_process import Server
 
         base, lenvm, models_tmp = model_paths(args, ap)  # models_tmp: keep tiny models alive
@@ -180,8 +181,6 @@ def main(argv=None) -> int:
                         max_total_tokens=65536)
         url, pid = server.url, server.proc.pid
     try:
-        from benchmarks.common import machine_info
-
         run_phase(url, min(10.0, args.seconds / 4), args.clients, args.guided_share, args.seed)
         idle(url)
         rss_start = rss_mb(pid) if pid else None
@@ -214,8 +213,7 @@ def main(argv=None) -> int:
             "all_slots_free_after_flush": flushed["free_slots"] == flushed["kv_pool_tokens"],
         }
         result["checks"] = checks
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
         print(json.dumps({k: result[k] for k in ("requests", "failed_valid_requests",
                                                  "unguided_latency_s", "rss_mb", "checks")},
                          indent=2))
