@@ -19,6 +19,10 @@ DEFAULT_TOP_K = 15
 # How `equal` measures "closest": ratio of (1 + length), or absolute tokens (the paper's rule).
 EQUAL_DISTANCES = ("ratio", "tokens")
 DEFAULT_EQUAL_DISTANCE = "ratio"
+# `equal` outputs whose stop token never becomes a candidate (degenerate text keeps it out of
+# the top-k) would run on to max_tokens. Once an output is this fraction past its target, the
+# stop token joins the candidates, and with no budget left it is the closest. inf: never.
+DEFAULT_EQUAL_MAX_OVERSHOOT = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +36,8 @@ class LenVMConfig:
     max_top_k: int = 64
     # equal: "ratio" compares ln(1 + l) with ln(1 + r); "tokens" compares l with r.
     equal_distance: str = DEFAULT_EQUAL_DISTANCE
+    # equal: an output ends by (1 + this) x target tokens at the latest (stop token included).
+    equal_max_overshoot: float = DEFAULT_EQUAL_MAX_OVERSHOOT
 
     def __post_init__(self):
         if self.gamma is not None and not (0.0 < self.gamma < 1.0 and math.isfinite(self.gamma)):
@@ -41,6 +47,9 @@ class LenVMConfig:
         if self.equal_distance not in EQUAL_DISTANCES:
             raise ValueError(f"--lenvm-equal-distance must be one of {EQUAL_DISTANCES}, "
                              f"got {self.equal_distance!r}")
+        if not self.equal_max_overshoot >= 0.0:  # also rejects NaN
+            raise ValueError(f"--lenvm-equal-max-overshoot must be >= 0 (inf: never stop), "
+                             f"got {self.equal_max_overshoot}")
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))

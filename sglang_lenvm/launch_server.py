@@ -6,6 +6,8 @@ Takes every `sglang.launch_server` argument plus:
   --lenvm-top-k K       candidates per step when a guided request sets no top_k (default 15)
   --lenvm-equal-distance {ratio,tokens}
                         how `equal` measures the closest candidate (default ratio)
+  --lenvm-equal-max-overshoot F
+                        `equal` outputs end by (1 + F) x target tokens (default 0.25; inf: off)
 Without --model-path (and --lenvm-path) it serves the embedded demo pair.
 On a machine without a GPU it adds CPU defaults (--device cpu, float32, a bounded KV cache).
 """
@@ -20,6 +22,7 @@ from typing import List, Optional
 
 from sglang_lenvm.config import (
     DEFAULT_EQUAL_DISTANCE,
+    DEFAULT_EQUAL_MAX_OVERSHOOT,
     DEFAULT_GAMMA,
     DEFAULT_TOP_K,
     EQUAL_DISTANCES,
@@ -46,6 +49,12 @@ def _our_parser() -> argparse.ArgumentParser:
                    help="length_mode=equal picks the candidate whose predicted remaining length "
                         "l is closest to the budget r: 'ratio' compares ln(1+l) with ln(1+r), "
                         "'tokens' compares l with r (the paper's rule)")
+    g.add_argument("--lenvm-equal-max-overshoot", type=float, default=DEFAULT_EQUAL_MAX_OVERSHOOT,
+                   metavar="F",
+                   help="once a length_mode=equal output is F x its target past the target, "
+                        "its stop token joins the candidates (and wins): it ends by "
+                        "(1 + F) x target tokens even when degenerate text keeps the stop token "
+                        "out of the top-k ('inf': never)")
     return p
 
 
@@ -99,7 +108,8 @@ def prepare(argv: List[str]):
             check_same_tokenizer(base, ours.lenvm_path)
         gamma = ours.lenvm_gamma if ours.lenvm_gamma is not None else (ckpt.gamma or DEFAULT_GAMMA)
         config = LenVMConfig(lenvm_path=os.path.abspath(ours.lenvm_path), gamma=gamma,
-                             top_k=ours.lenvm_top_k, equal_distance=ours.lenvm_equal_distance)
+                             top_k=ours.lenvm_top_k, equal_distance=ours.lenvm_equal_distance,
+                             equal_max_overshoot=ours.lenvm_equal_max_overshoot)
         config.to_env()
     else:
         os.environ.pop("SGLANG_LENVM_CONFIG", None)

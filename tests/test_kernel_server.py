@@ -23,6 +23,7 @@ def kernel_server(models, tmp_path_factory):
 @pytest.mark.parametrize("guidance", [
     {"length_target": 5, "length_mode": "at_most"},
     {"length_target": 7, "length_mode": "equal"},
+    {"length_target": 4, "length_mode": "equal"},  # may end at its limit, ceil(1.25 * 4) = 5
 ])
 def test_triton_path_matches_reference_and_torch_path(kernel_server, server, models, guidance):
     body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 8, "temperature": 0,
@@ -34,3 +35,5 @@ def test_triton_path_matches_reference_and_torch_path(kernel_server, server, mod
     vals = got["meta_info"]["lenvm_p"]
     assert max(abs(a - b) for a, b in zip(vals, ref.tolist())) < 1e-4
     assert got["output_ids"] == torch_path["output_ids"]
+    if guidance["length_mode"] == "equal":
+        assert len(got["output_ids"]) <= -(-5 * guidance["length_target"] // 4)

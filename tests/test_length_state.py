@@ -8,8 +8,10 @@ from sglang_lenvm.runtime.length_state import (
     MODE_AT_MOST,
     MODE_EQUAL,
     MODE_NONE,
+    NEVER,
     PARAMS_KEY,
     LengthState,
+    equal_stop_length,
     merge_optional,
 )
 
@@ -60,3 +62,31 @@ def test_filter_and_merge():
     assert merged.stop_ids.shape == (5, 3)
     both = merge_optional(None, 1, f, 2, "cpu")
     assert both.active == [False, True, True] and both.beta.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_equal_stop_length():
+    assert equal_stop_length(128, 0.25) == 160
+    assert equal_stop_length(10, 0.1) == 11  # not 12: (1 + 0.1) * 10 is 11.000000000000002
+    assert equal_stop_length(7, 0.25) == 9  # ceil(8.75)
+    assert equal_stop_length(7, 0.0) == 7
+    assert equal_stop_length(7, float("inf")) == NEVER
+
+
+def test_equal_stop_seq_len_follows_the_rows():
+    a = LengthState.build([req({"target": 8, "mode": "equal"}, prompt=3), req(),
+                           req({"target": 8, "mode": "at_most"}),
+                           req({"target": 20, "mode": "equal"}, prompt=4)],
+                          "cpu", default_top_k=15, max_top_k=64, equal_max_overshoot=0.25)
+    # output length 10 (prompt 3) is reached by the token generated at sequence length 12
+    expected = [3 + 10 - 1, NEVER, NEVER, 4 + 25 - 1]
+    assert a.equal_stop_seq_len.tolist() == expected
+    assert a.equal_stop_seq_len_cpu.tolist() == expected
+    assert a.equal_stop_seq_len_cpu.device.type == "cpu"
+    f = a.filter([0, 3], torch.tensor([0, 3]))
+    assert f.equal_stop_seq_len.tolist() == f.equal_stop_seq_len_cpu.tolist() == [12, 28]
+    assert f.rows(torch.tensor([1])).equal_stop_seq_len.tolist() == [28]
+    m = merge_optional(f, 2, None, 1, "cpu")
+    assert m.equal_stop_seq_len_cpu.tolist() == [12, 28, NEVER]
+    off = LengthState.build([req({"target": 8, "mode": "equal"})], "cpu", default_top_k=15,
+                            max_top_k=64, equal_max_overshoot=float("inf"))
+    assert off.equal_stop_seq_len_cpu.tolist() == [NEVER]

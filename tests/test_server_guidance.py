@@ -37,6 +37,22 @@ def test_equal_hits_the_target_exactly(oracle_server, target):
         assert out["output_ids"][-1] == EOS and out["meta_info"]["finish_reason"]["type"] == "stop"
 
 
+@pytest.mark.parametrize("target", [4, 8, 20])
+def test_equal_ends_by_its_overshoot_limit(oracle_server, target):
+    """With the stop token biased out of every candidate set, `equal` cannot end near the
+    target by choice; the server's default --lenvm-equal-max-overshoot 0.25 ends it at
+    ceil(1.25 x target) tokens, stop token included, instead of at max_new_tokens."""
+    limit = -(-5 * target // 4)
+    for out in gen_many(oracle_server, 3, max_new_tokens=80, temperature=1.0, top_p=0.9,
+                        logit_bias={str(EOS): -30.0}, length_target=target, length_mode="equal"):
+        assert len(out["output_ids"]) == limit
+        assert out["output_ids"][-1] == EOS and out["meta_info"]["finish_reason"]["type"] == "stop"
+    # the same request unguided never stops by itself within max_new_tokens
+    plain = gen(oracle_server, max_new_tokens=80, temperature=1.0, top_p=0.9,
+                logit_bias={str(EOS): -30.0})
+    assert len(plain["output_ids"]) == 80 and EOS not in plain["output_ids"]
+
+
 @pytest.mark.parametrize("target", [1, 3, 10, 30])
 def test_at_most_never_exceeds(oracle_server, target):
     for out in gen_many(oracle_server, 6, max_new_tokens=80, temperature=1.0,

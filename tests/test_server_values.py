@@ -100,7 +100,7 @@ def test_stats_counters(server):
     stats = server.get("/lenvm/stats").json()[0]
     assert stats["star_forwards"] > 0 and stats["candidates_scored"] > 0
     assert stats["gamma"] == 0.997 and stats["default_top_k"] == 15
-    assert stats["equal_distance"] == "ratio"
+    assert stats["equal_distance"] == "ratio" and stats["equal_max_overshoot"] == 0.25
 
 
 def test_only_candidates_inside_the_truncation_are_scored(server):

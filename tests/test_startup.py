@@ -36,6 +36,9 @@ def test_bad_flags_are_refused(models):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                "--lenvm-equal-distance", "log")
     assert r.returncode != 0 and "--lenvm-equal-distance: invalid choice: 'log'" in r.stderr
+    r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
+               "--lenvm-equal-max-overshoot", "nan")
+    assert r.returncode != 0 and "--lenvm-equal-max-overshoot must be >= 0" in r.stderr
 
 
 def test_unsupported_server_option_is_refused(models):

@@ -94,7 +94,7 @@ def _state_build(_result, info, batch, vocab_size) -> None:
     info.lenvm_state = None
     if _worker is not None:
         info.lenvm_state = LengthState.build(batch.reqs, info.device, _config.top_k,
-                                             _config.max_top_k)
+                                             _config.max_top_k, _config.equal_max_overshoot)
 
 
 def _state_filter(_result, info, keep, keep_device) -> None:

@@ -13,6 +13,7 @@ shallow copy of the sampling info while the scheduler goes on filtering its own.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional
 
 import torch
@@ -21,6 +22,15 @@ PARAMS_KEY = "__lenvm"  # our private entry in SamplingParams.custom_params, set
 
 MODE_NONE, MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST = 0, 1, 2, 3
 MODES = {"equal": MODE_EQUAL, "at_most": MODE_AT_MOST, "at_least": MODE_AT_LEAST}
+NEVER = 1 << 62  # a sequence length no request reaches
+
+
+def equal_stop_length(target: int, max_overshoot: float) -> int:
+    """Output length (stop token included) by which an `equal` output ends at the latest."""
+    if not math.isfinite(max_overshoot):
+        return NEVER
+    # round() first: (1 + 0.1) * 10 is 11.000000000000002 in floating point.
+    return max(target, math.ceil(round((1.0 + max_overshoot) * target, 9)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +92,11 @@ class LengthState:
     top_k: torch.Tensor  # int64 candidates for this row (0 for non-steering rows)
     greedy: torch.Tensor  # bool
     stop_ids: torch.Tensor  # int64 [bs, S], -1 padded
+    # equal rows: the sequence length (prompt + output so far) from which the row's stop token
+    # is a candidate at every step (see equal_stop_length); NEVER for other rows. On the
+    # device for the step, and a CPU copy so that steps with no row near it skip the extra slot.
+    equal_stop_seq_len: torch.Tensor  # int64
+    equal_stop_seq_len_cpu: torch.Tensor  # int64, on the CPU
 
     @property
     def any_active(self) -> bool:
@@ -95,7 +110,8 @@ class LengthState:
         return len(self.active)
 
     @classmethod
-    def build(cls, reqs, device, default_top_k: int, max_top_k: int) -> Optional["LengthState"]:
+    def build(cls, reqs, device, default_top_k: int, max_top_k: int,
+              equal_max_overshoot: float = math.inf) -> Optional["LengthState"]:
         """One row per request; None when no request in the batch uses the LenVM."""
         params = [RequestLengthParams.from_req(r) for r in reqs]
         if not any(p is not None for p in params):
@@ -115,6 +131,14 @@ class LengthState:
         def dev(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+        def stop_seq_len(p, prompt_len):
+            # The token that makes the output `limit` long is generated at sequence length
+            # prompt + limit - 1 (seq_len counts the step's input token, not its output).
+            limit = equal_stop_length(p.target, equal_max_overshoot) if p.mode == "equal" else NEVER
+            return NEVER if limit == NEVER else prompt_len + limit - 1
+
+        stop_seq = torch.tensor([stop_seq_len(p, n) for p, _, n, _ in rows], dtype=torch.int64)
+
         return cls(
             active=[p.uses_lenvm for p, *_ in rows],
             steer=[p.steers for p, *_ in rows],
@@ -128,6 +152,8 @@ class LengthState:
             top_k=dev([r[1] for r in rows], torch.int64),
             greedy=dev([p.greedy for p, *_ in rows], torch.bool),
             stop_ids=stop.to(device, non_blocking=True),
+            equal_stop_seq_len=stop_seq.to(device, non_blocking=True),
+            equal_stop_seq_len_cpu=stop_seq,
         )
 
     @classmethod
@@ -139,6 +165,8 @@ class LengthState:
             mode=z, target=z, beta=torch.zeros(n, dtype=torch.float32, device=device),
             prompt_len=z, top_k=z, greedy=torch.zeros(n, dtype=torch.bool, device=device),
             stop_ids=torch.full((n, 1), -1, dtype=torch.int64, device=device),
+            equal_stop_seq_len=torch.full((n,), NEVER, dtype=torch.int64, device=device),
+            equal_stop_seq_len_cpu=torch.full((n,), NEVER, dtype=torch.int64),
         )
 
     def filter(self, keep: List[int], keep_device: torch.Tensor) -> Optional["LengthState"]:
@@ -162,6 +190,8 @@ class LengthState:
             top_k=top_k,
             greedy=self.greedy[keep_device],
             stop_ids=self.stop_ids[keep_device],
+            equal_stop_seq_len=self.equal_stop_seq_len[keep_device],
+            equal_stop_seq_len_cpu=self.equal_stop_seq_len_cpu[keep],
         )
 
     def merge(self, other: "LengthState") -> "LengthState":
@@ -183,6 +213,9 @@ class LengthState:
             top_k=torch.cat([self.top_k, other.top_k]),
             greedy=torch.cat([self.greedy, other.greedy]),
             stop_ids=torch.cat([pad(self.stop_ids), pad(other.stop_ids)]),
+            equal_stop_seq_len=torch.cat([self.equal_stop_seq_len, other.equal_stop_seq_len]),
+            equal_stop_seq_len_cpu=torch.cat([self.equal_stop_seq_len_cpu,
+                                              other.equal_stop_seq_len_cpu]),
         )
 
     def rows(self, index: torch.Tensor) -> "LengthState":
@@ -191,6 +224,7 @@ class LengthState:
             self, mode=self.mode[index], target=self.target[index], beta=self.beta[index],
             prompt_len=self.prompt_len[index], top_k=self.top_k[index],
             greedy=self.greedy[index], stop_ids=self.stop_ids[index],
+            equal_stop_seq_len=self.equal_stop_seq_len[index],
         )
 
 

@@ -25,7 +25,13 @@ from sglang_lenvm.runtime.decision import (
     mask_stop_tokens,
     select_candidates,
 )
-from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, LengthState
+from sglang_lenvm.runtime.length_state import (
+    MODE_AT_LEAST,
+    MODE_AT_MOST,
+    MODE_EQUAL,
+    NEVER,
+    LengthState,
+)
 from sglang_lenvm.runtime.outputs import LenVMDeviceOutput
 from sglang_lenvm.runtime.star_attention import StarMeta
 from sglang_lenvm.runtime.worker import LenVMWorker
@@ -37,10 +43,12 @@ TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary"
 
 def _with_stop_candidate(cand: Candidates, probs_of, stop_id: torch.Tensor,
                          rows: torch.Tensor) -> Candidates:
-    """Append each row's first stop token as one more candidate where `rows` (at_most rows).
+    """Append each row's first stop token as one more candidate where `rows`.
 
-    At the last token of an at_most budget only a stop token is admissible, and it must be
-    there even when truncation dropped it. It is invalid where already present or impossible.
+    Those are at_most rows (at the last token of the budget only a stop token is admissible,
+    and it must be there even when truncation dropped it) and equal rows past their stop
+    length (with no budget left the stop token, predicted 0, is the closest candidate). It is
+    invalid where already present or impossible.
     """
     present = (cand.ids == stop_id.view(-1, 1)) & cand.valid
     ids = torch.cat([cand.ids, stop_id.clamp_min(0).view(-1, 1)], dim=1)
@@ -83,9 +91,11 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
         cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
         if not worker.use_kernels:
             cand = _drop_unused_slots(cand)
-        if MODE_AT_MOST in host_modes:
-            at_most = (st.mode == MODE_AT_MOST) & steer
-            cand = _with_stop_candidate(cand, probs_of, st.stop_ids[:, 0], at_most)
+        if MODE_AT_MOST in host_modes or (
+                MODE_EQUAL in host_modes and _equal_stop_near(state, forward_batch, active_rows)):
+            stop_rows = (st.mode == MODE_AT_MOST) & steer
+            stop_rows |= (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
+            cand = _with_stop_candidate(cand, probs_of, st.stop_ids[:, 0], stop_rows)
         K = cand.ids.shape[1]
 
     # The star trees: [root] + candidates. Decode roots are the step's input tokens, written
@@ -184,6 +194,18 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated) -
             valid=cand.valid, stop_ids=st.stop_ids, **kw)
     p_all = torch.sigmoid(worker.star(tokens, positions, meta))
     return decide_from_values(p_all, cand, st.stop_ids, **kw)
+
+
+def _equal_stop_near(state: LengthState, forward_batch, active_rows) -> bool:
+    """Could an equal row reach its stop length this step? From host copies: no device sync.
+
+    One token of slack, in case the host's seq_lens lags the device's (overlap scheduling).
+    """
+    stop_at = state.equal_stop_seq_len_cpu[active_rows]
+    seq_lens_cpu = forward_batch.seq_lens_cpu
+    if seq_lens_cpu is None:
+        return bool((stop_at < NEVER).any())
+    return bool((seq_lens_cpu[active_rows].to(torch.int64) + 1 >= stop_at).any())
 
 
 def _host_max(forward_batch, active_rows, R: int) -> int:

@@ -7,6 +7,8 @@ or held (evictable, unlocked) by the radix cache, and no request running or wait
 
 from __future__ import annotations
 
+import math
+
 
 def worker_stats(worker, scheduler) -> dict:
     allocator = worker.target.token_to_kv_pool_allocator
@@ -16,6 +18,9 @@ def worker_stats(worker, scheduler) -> dict:
         "gamma": worker.gamma,
         "default_top_k": worker.config.top_k,
         "equal_distance": worker.config.equal_distance,
+        # JSON has no infinity: null means `equal` is never stopped past its target.
+        "equal_max_overshoot": (worker.config.equal_max_overshoot
+                                if math.isfinite(worker.config.equal_max_overshoot) else None),
         **worker.stats,
         "kv_pool_tokens": int(worker.runner.max_total_num_tokens),
         "kv_bytes_per_token": worker.kv_bytes_per_token(),
