@@ -1,206 +1,200 @@
-"""Length control in SGLang's HTTP API: request fields, validation, extra endpoints.
+"""The HTTP front door: the length fields on every route SGLang serves.
 
-Request fields (top level on /v1/chat/completions and /v1/completions, where the OpenAI SDK's
-`extra_body` puts them; top level or inside `sampling_params` on /generate):
-  length_target          int >= 1, the output length in tokens (EOS included)
-  length_mode            "equal" | "at_most" | "at_least" (default "equal" with a target)
-  beta                   finite float: tilt p'(x) ~ p(x) exp(beta * LenVM(x)); < 0 is shorter
-  return_length_values   bool: return the LenVM value trace
-SGLang's request models silently drop unknown fields, so an ASGI middleware reads ours from
-the raw JSON, validates them (HTTP 400 naming the field), and moves them into
-`custom_params["__lenvm"]`, which travels with the request to the scheduler. LenVM requests
-also get their own radix-cache namespace (`extra_key`): their cached prefixes always have LenVM
-KV beside them, while other traffic never pays for the mirror.
-
-Extra endpoints: POST /v1/length/predict, GET /lenvm/stats.
+SGLang's request models silently drop unknown fields, so a pure ASGI middleware reads every
+JSON body before SGLang does:
+- the private key `custom_params.__lenvm`, anywhere in a body, on any route: HTTP 400 naming
+  it (only this front door writes it);
+- on the routes that generate with length control, the public fields (`schema.FIELDS`) are
+  validated (HTTP 400 naming the field) and moved into the private form:
+    POST /v1/chat/completions, /v1/completions, /invocations (SageMaker; chat)  top level
+    POST and PUT /generate                      top level or in sampling_params (or a list)
+    POST /vertex_generate (AIP_PREDICT_ROUTE)   in parameters, top level or sampling_params
+- on every other route (Responses, Anthropic, Ollama, embeddings, ...), a public field gets
+  HTTP 400 saying where length control is available, instead of being dropped.
+The Engine API has no HTTP layer: `engine_api.py` does the same for its sampling params.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
-import math
-from typing import Any, Optional
+import os
+import re
+from typing import Optional
+from urllib.parse import parse_qs
 
+from sglang_lenvm import httputil
 from sglang_lenvm.config import LenVMConfig
-from sglang_lenvm.runtime.length_state import MODES, PARAMS_KEY
+from sglang_lenvm.schema import (
+    FIELDS,
+    PARAMS_KEY,
+    WIRE_NAME,
+    RequestError,
+    capped_limit,
+    parse_public,
+)
 
-FIELDS = ("length_target", "length_mode", "beta", "return_length_values")
-EXTRA_KEY = "lenvm"
-MAX_ABS_BETA = 1e4
-GENERATE_DEFAULT_MAX_NEW_TOKENS = 128  # SamplingParams.max_new_tokens default in SGLang
-GUIDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/generate")
+OPENAI_CHAT = ("/v1/chat/completions", "/invocations")
+OPENAI_COMPLETION = "/v1/completions"
+SUPPORTED = "/v1/chat/completions, /v1/completions, /generate, /invocations and /vertex_generate"
 
 _config: Optional[LenVMConfig] = None
+# Set for the whole handling of an HTTP request that passed the middleware: a private key
+# seen later in that request (by the Engine-side check in engine_api) was written by us.
+passed_front_door: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lenvm_passed_front_door", default=False)
 
 
-class RequestError(ValueError):
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
+def _vertex_route() -> str:
+    return os.environ.get("AIP_PREDICT_ROUTE", "/vertex_generate")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def find_private_key(node, path: str = "") -> Optional[str]:
+    """Where a body carries custom_params.__lenvm (any depth), or None."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "custom_params" and isinstance(value, dict) and PARAMS_KEY in value:
+                return f"{path}{key}.{PARAMS_KEY}"
+            found = find_private_key(value, f"{path}{key}.")
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = find_private_key(value, f"{path}{i}.")
+            if found:
+                return found
+    return None
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def rewrite_sampling(top: dict, sp: dict, *, limit_fields, shared: bool = False,
+                     context_len: Optional[int] = None) -> bool:
+    """Validate one request's public fields and move them into `sp.custom_params`.
 
-
-def parse_length_params(fields: dict, sampling: dict, *, max_top_k: int,
-                        context_len: Optional[int],
-                        max_tokens_field: str = "max_tokens") -> Optional[dict]:
-    """Validate our fields; returns the private params dict, or None if the LenVM is not used.
-
-    `sampling` holds the request's own sampling fields (max_tokens/max_new_tokens, top_k,
-    temperature, n, ...) for the cross-field checks.
+    `top` is where top-level fields live (the body), `sp` the request's sampling fields (the
+    body itself on the OpenAI routes). `limit_fields` names the request's output-limit fields
+    in `sp`, most authoritative first (a route's default limit does not count: without a limit
+    of its own, a guided request's budget comes from its target). Returns True if the request
+    uses the LenVM.
     """
-    target = fields.get("length_target")
-    mode = fields.get("length_mode")
-    beta = fields.get("beta", 0.0)
-    values = fields.get("return_length_values", False)
-
-    if target is not None:
-        if not _is_int(target):
-            raise RequestError("length_target must be an integer number of tokens", "length_target")
-        if target < 1:
-            raise RequestError(f"length_target must be >= 1, got {target}", "length_target")
-        if context_len is not None and target > context_len:
-            raise RequestError(f"length_target {target} exceeds the model's context length "
-                               f"{context_len}", "length_target")
-    if mode is not None:
-        if not isinstance(mode, str) or mode not in MODES:
-            raise RequestError(f"length_mode must be one of {sorted(MODES)}, got {mode!r}",
-                               "length_mode")
-        if target is None:
-            raise RequestError(f"length_mode={mode!r} needs a length_target", "length_mode")
-    elif target is not None:
-        mode = "equal"
-    if beta is None:
-        beta = 0.0
-    if not _is_number(beta) or not math.isfinite(beta):
-        raise RequestError(f"beta must be a finite number, got {beta!r}", "beta")
-    if abs(beta) > MAX_ABS_BETA:
-        raise RequestError(f"beta must be within +-{MAX_ABS_BETA:g}, got {beta}", "beta")
-    if mode == "equal" and beta != 0:
-        raise RequestError("beta cannot be combined with length_mode='equal' (equal picks one "
-                           "token deterministically); use at_most/at_least or no mode", "beta")
-    if values is None:
-        values = False
-    if not isinstance(values, bool):
-        raise RequestError("return_length_values must be a boolean", "return_length_values")
-    if mode is None and beta == 0 and not values:
-        return None
-
-    top_k = sampling.get("top_k")
-    if top_k is not None and top_k != -1:
-        if not _is_int(top_k) or top_k < 1:
-            raise RequestError("top_k must be a positive integer or -1", "top_k")
-        if mode is not None or beta != 0:
-            if top_k > max_top_k:
-                raise RequestError(f"guided decoding scores at most {max_top_k} candidates per "
-                                   f"step; top_k={top_k} is larger", "top_k")
-    else:
-        top_k = None
-    max_tokens = sampling.get("max_tokens")
-    if mode in ("equal", "at_least") and _is_int(max_tokens) and max_tokens < target:
-        raise RequestError(f"{max_tokens_field} ({max_tokens}) is below length_target ({target}): "
-                           f"length_mode={mode!r} could not reach it", max_tokens_field)
-    temperature = sampling.get("temperature")
-    greedy = _is_number(temperature) and 0 <= temperature < 1e-6
-    return {"target": target, "mode": mode, "beta": float(beta), "return_values": values,
-            "top_k": top_k, "greedy": greedy}
-
-
-def rewrite_body(path: str, body: dict, *, lenvm_loaded: bool, max_top_k: int,
-                 context_len: Optional[int]) -> dict:
-    """Move our fields into custom_params (raising RequestError on bad values)."""
-    if path == "/generate":
-        sp = body.get("sampling_params")
-        if isinstance(sp, list):  # a batch: one sampling_params per prompt
-            guided = [_rewrite_one(body, item, "max_new_tokens", lenvm_loaded, max_top_k,
-                                   context_len, shared_fields=True) if isinstance(item, dict)
-                      else False for item in sp]
-            for f in FIELDS:
-                body.pop(f, None)
-            if any(guided):
-                keys = body.get("extra_key")
-                keys = keys if isinstance(keys, list) else [keys] * len(sp)
-                body["extra_key"] = [_namespace(k) if g else k for k, g in zip(keys, guided)]
-            return body
-        if sp is None:
-            sp = body["sampling_params"] = {}
-        if not isinstance(sp, dict):
-            return body
-        if _rewrite_one(body, sp, "max_new_tokens", lenvm_loaded, max_top_k, context_len):
-            body["extra_key"] = _namespace(body.get("extra_key"))
-        return body
-    if _rewrite_one(body, body, "max_tokens", lenvm_loaded, max_top_k, context_len):
-        key = body.get("extra_key")
-        body["extra_key"] = [_namespace(k) for k in key] if isinstance(key, list) else _namespace(key)
-    return body
-
-
-def _namespace(key):
-    """The radix-cache namespace of LenVM requests (keeping the caller's own extra_key)."""
-    return f"{EXTRA_KEY}|{key}" if key else EXTRA_KEY
-
-
-def _rewrite_one(body: dict, sp: dict, max_key: str, lenvm_loaded: bool, max_top_k: int,
-                 context_len, shared_fields: bool = False) -> bool:
-    """Validate one request's fields and move them into its sampling params; True if guided."""
-    cp = sp.get("custom_params")
-    if isinstance(cp, dict) and PARAMS_KEY in cp:
-        raise RequestError(f"custom_params.{PARAMS_KEY} is reserved", "custom_params")
     fields = {}
     for f in FIELDS:
-        in_body = f in body
-        in_sp = sp is not body and f in sp
-        if in_body and in_sp:
+        in_top, in_sp = f in top, sp is not top and f in sp
+        if in_top and in_sp:
             raise RequestError(f"{f} given both at top level and in sampling_params", f)
-        if in_body:
-            fields[f] = body[f] if shared_fields else body.pop(f)
+        if in_top:
+            fields[f] = top[f] if shared else top.pop(f)
         elif in_sp:
             fields[f] = sp.pop(f)
     if not fields:
         return False
-    max_tokens = sp.get(max_key, sp.get("max_completion_tokens"))
-    if max_key == "max_new_tokens" and max_key not in sp:
-        max_tokens = GENERATE_DEFAULT_MAX_NEW_TOKENS  # what SGLang's /generate applies
-    sampling = {
-        "max_tokens": max_tokens,
-        "top_k": sp.get("top_k"),
-        "temperature": sp.get("temperature"),
-    }
-    params = parse_length_params(fields, sampling, max_top_k=max_top_k, context_len=context_len,
-                                 max_tokens_field=max_key)
+    limit_field = next((k for k in limit_fields if sp.get(k) is not None), limit_fields[0])
+    limit = sp.get(limit_field)
+    params = parse_public(
+        fields, {"max_tokens": limit, "top_k": sp.get("top_k"),
+                 "temperature": sp.get("temperature")},
+        max_top_k=_config.max_top_k if _config else 64,
+        context_len=context_len if context_len is not None else httputil.context_len(),
+        max_field=limit_field,
+        equal_max_overshoot=_config.equal_max_overshoot if _config else float("inf"))
     if params is None:
         return False
-    if not lenvm_loaded:
+    if _config is None:
         name = next(f for f in FIELDS if fields.get(f) not in (None, False, 0, 0.0))
         raise RequestError(f"{name} needs a LenVM, and this server was started without one "
                            f"(--lenvm-path)", name)
-    if body.get("custom_logit_processor") or sp.get("custom_logit_processor"):
+    if params.steers and (top.get("custom_logit_processor") or sp.get("custom_logit_processor")):
         raise RequestError("custom_logit_processor cannot be combined with length guidance",
                            "custom_logit_processor")
-    if params["mode"] == "at_most":
-        cap = sampling["max_tokens"]
-        sp[max_key] = params["target"] if not _is_int(cap) else min(cap, params["target"])
+    if params.steers and _is_beam(sp.get("beam_width")):
+        raise RequestError("beam search cannot be combined with length guidance", "beam_width")
+    for k in limit_fields:  # at_most: no output limit above the target, whichever field
+        if k in sp:
+            sp[k] = capped_limit(params, sp[k])
+    cp = sp.get("custom_params")
     cp = dict(cp) if isinstance(cp, dict) else {}
-    cp[PARAMS_KEY] = params
+    cp[PARAMS_KEY] = params.to_wire()
     sp["custom_params"] = cp
     return True
 
 
+def _is_beam(width) -> bool:
+    return isinstance(width, (int, float)) and not isinstance(width, bool) and width > 1
+
+
+def _rewrite_generate(body: dict) -> None:
+    """/generate (and Vertex's parameters): top-level fields or per-request sampling_params."""
+    sp = body.get("sampling_params")
+    if isinstance(sp, list):  # a batch: one sampling_params per prompt; top-level fields shared
+        for item in sp:
+            if isinstance(item, dict):
+                rewrite_sampling(body, item, limit_fields=("max_new_tokens",), shared=True)
+        for f in FIELDS:
+            body.pop(f, None)
+        return
+    if sp is None and any(f in body for f in FIELDS):
+        sp = body["sampling_params"] = {}
+    if isinstance(sp, dict):
+        rewrite_sampling(body, sp, limit_fields=("max_new_tokens",))
+
+
+def rewrite_body(method: str, path: str, body: dict) -> dict:
+    """Validate and rewrite one JSON body (raises RequestError)."""
+    where = find_private_key(body)
+    if where is not None:
+        raise RequestError(f"{where} is reserved for the server's own use", WIRE_NAME)
+    if method == "POST" and path in OPENAI_CHAT:
+        rewrite_sampling(body, body, limit_fields=("max_completion_tokens", "max_tokens"))
+    elif method == "POST" and path == OPENAI_COMPLETION:
+        rewrite_sampling(body, body, limit_fields=("max_tokens",))
+    elif method in ("POST", "PUT") and path == "/generate":
+        _rewrite_generate(body)
+    elif method == "POST" and path == _vertex_route():
+        _refuse_fields(body, f"{path} (put them in `parameters`)")
+        if isinstance(body.get("parameters"), dict):
+            _rewrite_generate(body["parameters"])
+    else:
+        _refuse_fields(body, path)
+        for key in ("sampling_params", "parameters", "options"):
+            nested = body.get(key)
+            for item in nested if isinstance(nested, list) else [nested]:
+                if isinstance(item, dict):
+                    _refuse_fields(item, path)
+    return body
+
+
+def _refuse_fields(node: dict, where: str) -> None:
+    for f in FIELDS:
+        if f in node:
+            raise RequestError(f"{f} is not supported on {where}; length control is served on "
+                               f"{SUPPORTED}", f)
+
+
+_FORM_FIELD = re.compile(rb'name="(%s)"' % b"|".join(f.encode() for f in FIELDS))
+
+
+def _form_field(content_type: str, raw: bytes) -> Optional[str]:
+    """A public field sent as a form field (multipart or urlencoded), or None."""
+    if content_type.startswith("multipart/form-data"):
+        m = _FORM_FIELD.search(raw)
+        return m.group(1).decode() if m else None
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        keys = parse_qs(raw.decode("latin-1"), keep_blank_values=True)
+        return next((f for f in FIELDS if f in keys), None)
+    return None
+
+
 class LengthFieldsMiddleware:
-    """Pure ASGI middleware: rewrite JSON bodies of the generation endpoints."""
+    """Pure ASGI middleware: every request with a body passes through `rewrite_body`."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST" or \
-                scope.get("path") not in GUIDED_PATHS:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        passed_front_door.set(True)
+        method = scope.get("method")
+        if method not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
@@ -210,26 +204,40 @@ class LengthFieldsMiddleware:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         raw = b"".join(chunks)
+        path = scope.get("path", "")
         try:
             body = json.loads(raw) if raw else None
             is_json = True
         except ValueError:
-            body, is_json = None, False  # not JSON at all: SGLang answers it (400)
-        if raw and is_json and not isinstance(body, dict):
-            return await _send_error(send, "request body must be a JSON object", "body")
+            body, is_json = None, False  # not JSON: SGLang answers it (400/422) ...
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            field = _form_field(content_type.lower(), raw)  # ... unless it is a form with ours
+            if field is not None:
+                return await httputil.send_error(
+                    send, f"{field} is not supported on {path}; length control is served "
+                          f"on {SUPPORTED}", field)
+        if raw and is_json and not isinstance(body, dict) and path in _json_object_routes():
+            return await httputil.send_error(send, "request body must be a JSON object", "body")
         if isinstance(body, dict):
             try:
-                body = rewrite_body(scope["path"], body, lenvm_loaded=_config is not None,
-                                    max_top_k=_config.max_top_k if _config else 64,
-                                    context_len=_context_len())
+                body = rewrite_body(method, path, body)
             except RequestError as e:
-                return await _send_error(send, str(e), e.param)
+                return await httputil.send_error(send, str(e), e.param)
             raw = json.dumps(body).encode()
+        elif is_json and raw:
+            where = find_private_key(body)
+            if where is not None:
+                return await httputil.send_error(
+                    send, f"{where} is reserved for the server's own use", WIRE_NAME)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
         scope = dict(scope, headers=headers)
         await self.app(scope, _replay([{"type": "http.request", "body": raw,
                                         "more_body": False}], receive), send)
+
+
+def _json_object_routes():
+    return (*OPENAI_CHAT, OPENAI_COMPLETION, "/generate", _vertex_route())
 
 
 def _replay(messages, then=None):
@@ -245,36 +253,19 @@ def _replay(messages, then=None):
     return receive
 
 
-async def _send_error(send, message: str, param: str) -> None:
-    payload = json.dumps({"object": "error", "message": message, "type": "BadRequestError",
-                          "param": param, "code": 400}).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
-
-
-def _tokenizer_manager():
-    from sglang.srt.entrypoints import http_server
-
-    state = http_server._global_state
-    return state.tokenizer_manager if state is not None else None
-
-
-def _context_len() -> Optional[int]:
-    tm = _tokenizer_manager()
-    mc = getattr(tm, "model_config", None)
-    return getattr(mc, "context_len", None)
+def configure(config: Optional[LenVMConfig]) -> None:
+    global _config
+    _config = config
 
 
 def install(config: Optional[LenVMConfig]) -> None:
-    """Wire the middleware, the response hooks and our endpoints into SGLang's HTTP app."""
-    global _config
-    _config = config
+    """Wire the middleware and our endpoints into SGLang's HTTP app (launcher process)."""
+    configure(config)
     from sglang.srt.entrypoints.http_server import app
 
     app.add_middleware(LengthFieldsMiddleware)
-    from sglang_lenvm import endpoints, responses
+    from sglang_lenvm import endpoints
 
-    responses.install()
     endpoints.install(app, config)
+
+

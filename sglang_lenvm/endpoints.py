@@ -8,21 +8,14 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import ORJSONResponse
 
-from sglang_lenvm.api import EXTRA_KEY
 from sglang_lenvm.config import LenVMConfig
-from sglang_lenvm.runtime.length_state import PARAMS_KEY
+from sglang_lenvm.httputil import error_body, tokenizer_manager
 from sglang_lenvm.runtime.outputs import PREDICTED_KEY, VALUES_KEY
+from sglang_lenvm.schema import PARAMS_KEY, LengthParams
 
 
 def _error(message: str, param: Optional[str], code: int = 400) -> ORJSONResponse:
-    return ORJSONResponse({"object": "error", "message": message, "type": "BadRequestError",
-                           "param": param, "code": code}, status_code=code)
-
-
-def _tokenizer_manager():
-    from sglang.srt.entrypoints import http_server
-
-    return http_server._global_state.tokenizer_manager
+    return ORJSONResponse(error_body(message, param, code), status_code=code)
 
 
 async def predict_length(request: Request):
@@ -46,7 +39,7 @@ async def predict_length(request: Request):
     messages, prompt = body.get("messages"), body.get("prompt")
     if (messages is None) == (prompt is None):
         return _error("give exactly one of 'messages' or 'prompt'", "messages")
-    tm = _tokenizer_manager()
+    tm = tokenizer_manager()
     if messages is not None:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) and
@@ -72,8 +65,7 @@ async def predict_length(request: Request):
     obj = GenerateReqInput(
         input_ids=input_ids,
         sampling_params={"max_new_tokens": 1, "temperature": 0.0,
-                         "custom_params": {PARAMS_KEY: {"return_values": True}}},
-        extra_key=EXTRA_KEY,
+                         "custom_params": {PARAMS_KEY: LengthParams(return_values=True).to_wire()}},
     )
     out = await tm.generate_request(obj, request).__anext__()
     meta = out["meta_info"]
@@ -90,7 +82,7 @@ async def predict_length(request: Request):
 
 
 async def lenvm_stats():
-    states = await _tokenizer_manager().get_internal_state()
+    states = await tokenizer_manager().get_internal_state()
     return ORJSONResponse([s.get("lenvm") for s in states])
 
 

@@ -15,9 +15,11 @@ On a machine without a GPU it adds CPU defaults (--device cpu, float32, a bounde
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from sglang_lenvm.config import (
@@ -88,10 +90,22 @@ def cpu_defaults(argv: List[str]) -> List[str]:
     return argv + extra
 
 
-def prepare(argv: List[str]):
-    """Parse our flags, validate the LenVM, publish the config; returns SGLang's args list."""
+def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[float],
+                top_k: int, equal_distance: str, equal_max_overshoot: float) -> LenVMConfig:
+    """Validate a LenVM checkpoint (and its tokenizer against the base's) into a config."""
     from sglang_lenvm.checkpoint import check_same_tokenizer, inspect_checkpoint
 
+    ckpt = inspect_checkpoint(lenvm_path)
+    if base_path is not None:
+        check_same_tokenizer(base_path, lenvm_path)
+    return LenVMConfig(lenvm_path=os.path.abspath(lenvm_path),
+                       gamma=gamma if gamma is not None else (ckpt.gamma or DEFAULT_GAMMA),
+                       top_k=top_k, equal_distance=equal_distance,
+                       equal_max_overshoot=equal_max_overshoot)
+
+
+def prepare(argv: List[str]):
+    """Parse our flags, validate the LenVM, publish the config; returns SGLang's args list."""
     ours, rest = _our_parser().parse_known_args(argv)
     if not _has_flag(rest, "--model-path") and ours.lenvm_path is None:
         from sglang_lenvm.demo import materialize_demo
@@ -102,18 +116,46 @@ def prepare(argv: List[str]):
     rest = cpu_defaults(rest)
     config = None
     if ours.lenvm_path is not None:
-        ckpt = inspect_checkpoint(ours.lenvm_path)
         base = _flag_value(rest, "--tokenizer-path") or _flag_value(rest, "--model-path")
-        if base is not None:
-            check_same_tokenizer(base, ours.lenvm_path)
-        gamma = ours.lenvm_gamma if ours.lenvm_gamma is not None else (ckpt.gamma or DEFAULT_GAMMA)
-        config = LenVMConfig(lenvm_path=os.path.abspath(ours.lenvm_path), gamma=gamma,
+        config = make_config(ours.lenvm_path, base, gamma=ours.lenvm_gamma,
                              top_k=ours.lenvm_top_k, equal_distance=ours.lenvm_equal_distance,
                              equal_max_overshoot=ours.lenvm_equal_max_overshoot)
         config.to_env()
     else:
         os.environ.pop("SGLANG_LENVM_CONFIG", None)
     return config, rest
+
+
+def check_setup(server_args, config: LenVMConfig) -> None:
+    """Everything the LenVM cannot serve, refused before any weights load (ValueError)."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from sglang_lenvm.runtime.compat import check_models, check_server_args
+    from sglang_lenvm.runtime.hooks import missing_hooks
+
+    missing = missing_hooks()
+    if missing:
+        raise ValueError("these SGLang hook points did not take our hooks (is SGLang "
+                         "0.5.23 installed?): " + ", ".join(missing))
+    check_server_args(server_args)
+    base = ModelConfig.from_server_args(server_args)
+    lenvm = json.loads((Path(config.lenvm_path) / "config.json").read_text())
+    check_models(base, _vocab_size(lenvm), _tokenizer_size(server_args))
+
+
+def _vocab_size(cfg: dict) -> Optional[int]:
+    v = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return v if isinstance(v, int) else None
+
+
+def _tokenizer_size(server_args) -> Optional[int]:
+    from transformers import AutoTokenizer
+
+    path = server_args.tokenizer_path or server_args.model_path
+    try:
+        return len(AutoTokenizer.from_pretrained(path))
+    except Exception:  # noqa: BLE001 - no tokenizer to read here: SGLang will say so itself
+        return None
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -136,10 +178,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     load_plugins()
     server_args = prepare_server_args(rest)
     if config is not None:
-        from sglang_lenvm.runtime.compat import check_server_args
-
         try:
-            check_server_args(server_args)
+            check_setup(server_args, config)
         except ValueError as e:
             sys.exit(f"sglang-lenvm: {e}")
     from sglang_lenvm import api

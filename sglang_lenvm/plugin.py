@@ -35,8 +35,19 @@ def register() -> None:
     from sglang_lenvm.config import LenVMConfig
 
     config = LenVMConfig.from_env()
-    if config is None:
-        return
+    if config is not None:
+        activate(config, apply=False)
+
+
+def activate(config, apply: bool = True) -> None:
+    """Register every LenVM hook for `config` (SGLang applies them after the plugins ran;
+    `apply` does it now, for a process whose plugins were already loaded)."""
+    from sglang_lenvm import api
     from sglang_lenvm.runtime import hooks
 
+    api.configure(config)
     hooks.install(config)
+    if apply:
+        from sglang.srt.plugins.hook_registry import HookRegistry
+
+        HookRegistry.apply_hooks()

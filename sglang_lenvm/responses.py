@@ -7,7 +7,9 @@ LenVM's value of the state before token t (t = 0 is the prompt boundary; p ~ 1 -
 Non-streaming responses carry it on each choice; streams send one extra chunk per choice, with
 an empty delta and the `length_control` object, just before `data: [DONE]`.
 
-Installed as HookRegistry hooks on SGLang's OpenAI serving classes (HTTP process only).
+Installed as HookRegistry hooks on SGLang's OpenAI serving classes (HOOKS; they only run in
+the HTTP process). A request whose guidance stopped (faults.py) carries a `warning` saying
+why; its `values` have null entries from there on.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import contextvars
 import json
 from typing import Any, Optional
 
-from sglang_lenvm.runtime.length_state import PARAMS_KEY
-from sglang_lenvm.runtime.outputs import FALLBACK_KEY, PREDICTED_KEY, VALUES_KEY
+from sglang.srt.plugins.hook_registry import HookType
+
+from sglang_lenvm.runtime.outputs import FALLBACK_KEY, FAULT_KEY, PREDICTED_KEY, VALUES_KEY
+from sglang_lenvm.schema import PARAMS_KEY
 
 CHAT = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat"
 COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion"
@@ -32,7 +36,7 @@ def request_params(request) -> Optional[dict]:
     return cp.get(PARAMS_KEY) if isinstance(cp, dict) else None
 
 
-def length_control(params: dict, meta_info: dict) -> dict:
+def length_control(params: dict, meta_info: dict, n_tokens: Optional[int] = None) -> dict:
     out: dict[str, Any] = {
         "length_target": params.get("target"),
         "length_mode": params.get("mode"),
@@ -40,13 +44,26 @@ def length_control(params: dict, meta_info: dict) -> dict:
     }
     predicted = meta_info.get(PREDICTED_KEY)
     out["predicted_length"] = float(predicted[0]) if predicted else None
+    if n_tokens is None:
+        n_tokens = meta_info.get("completion_tokens")
     if params.get("return_values"):
-        out["values"] = list(meta_info.get(VALUES_KEY) or [])
+        values = list(meta_info.get(VALUES_KEY) or [])
+        if isinstance(n_tokens, int) and len(values) < n_tokens:  # the trace stopped at a fault
+            values += [None] * (n_tokens - len(values))
+        out["values"] = values
+    warnings = []
     fallback = meta_info.get(FALLBACK_KEY) or []
     n_fallback = sum(1 for x in fallback if x)
     if n_fallback:
-        out["warning"] = (f"the LenVM produced non-finite values at {n_fallback} step(s); "
-                          f"those tokens were sampled without length guidance")
+        warnings.append(f"the LenVM produced non-finite values at {n_fallback} step(s); "
+                        f"those tokens were sampled without length guidance")
+    faults = [(i, x) for i, x in enumerate(meta_info.get(FAULT_KEY) or []) if x]
+    if faults:
+        i, reason = faults[0]
+        warnings.append(f"{reason}: from output token {i} on, this request was sampled without "
+                        f"length guidance")
+    if warnings:
+        out["warning"] = "; ".join(warnings)
     return out
 
 
@@ -95,7 +112,7 @@ async def _stream_with_length(chunks, request, params, serving):
 def _length_chunk(request, index, params, metas, incremental) -> str:
     meta = dict(metas[-1])
     if incremental:  # each chunk carried only its own slice of the per-token values
-        for key in (VALUES_KEY, FALLBACK_KEY):
+        for key in (VALUES_KEY, FALLBACK_KEY, FAULT_KEY):
             meta[key] = [v for m in metas for v in (m.get(key) or [])]
         meta[PREDICTED_KEY] = next((m[PREDICTED_KEY] for m in metas if m.get(PREDICTED_KEY)), None)
     chat = hasattr(request, "messages")
@@ -124,18 +141,16 @@ async def _collect(outputs, collected: dict):
             meta = item.get("meta_info") if isinstance(item, dict) else None
             if meta is not None:
                 collected.setdefault(item.get("index", 0), []).append(
-                    {k: meta.get(k) for k in ("id", VALUES_KEY, PREDICTED_KEY, FALLBACK_KEY)})
+                    {k: meta.get(k) for k in ("id", "completion_tokens", VALUES_KEY,
+                                              PREDICTED_KEY, FALLBACK_KEY, FAULT_KEY)})
         yield out
 
 
-def install() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    reg = HookRegistry.register
-    reg(f"{CHAT}._build_chat_response", _around_build, HookType.AROUND)
-    reg(f"{COMPLETION}._build_completion_response", _around_build, HookType.AROUND)
-    reg(f"{CHAT}._generate_chat_stream", _around_stream, HookType.AROUND)
-    reg(f"{COMPLETION}._generate_completion_stream", _around_stream, HookType.AROUND)
-    reg("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
-        _around_generate_request, HookType.AROUND)
-    HookRegistry.apply_hooks()
+HOOKS = [
+    (f"{CHAT}._build_chat_response", _around_build, HookType.AROUND),
+    (f"{COMPLETION}._build_completion_response", _around_build, HookType.AROUND),
+    (f"{CHAT}._generate_chat_stream", _around_stream, HookType.AROUND),
+    (f"{COMPLETION}._generate_completion_stream", _around_stream, HookType.AROUND),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
+     _around_generate_request, HookType.AROUND),
+]

@@ -187,14 +187,18 @@ def _config(arch: str, vocab_size: int, eos_id: int, pad_id: int, hidden: int, l
 
 def build_causal_lm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
                     arch: str = "qwen2", hidden: int = 64, layers: int = 2, heads: int = 4,
-                    kv_heads: int = 2, max_pos: int = 4096, tie: bool = False, seed: int = 0):
-    """A random causal LM saved with `save_pretrained`, plus the tokenizer files beside it."""
+                    kv_heads: int = 2, max_pos: int = 4096, tie: bool = False, seed: int = 0,
+                    extra_vocab: int = 0):
+    """A random causal LM saved with `save_pretrained`, plus the tokenizer files beside it.
+
+    `extra_vocab` rows past the tokenizer's tokens pad the vocabulary, as many released models
+    pad theirs (Qwen2.5-7B has 152064 rows for 151665 tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = _config(arch, len(tok), eos_id, tok.pad_token_id, hidden, layers, heads, kv_heads,
-                  max_pos, tie)
+    cfg = _config(arch, len(tok) + extra_vocab, eos_id, tok.pad_token_id, hidden, layers, heads,
+                  kv_heads, max_pos, tie)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init with std 0.02 gives near-uniform logits; widen it so greedy decoding

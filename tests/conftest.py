@@ -16,12 +16,13 @@ from sglang_lenvm.server_process import Server  # noqa: E402
 def models(tmp_path_factory):
     """Tiny random checkpoints: a BPE pair (Qwen2 base + Llama LenVM, head in
     value_head.safetensors) and a character-vocabulary pair (Qwen2 base + Qwen3 oracle LenVM
-    with its head inside the shards). LenVM and base only need to share the tokenizer."""
+    with its head inside the shards). LenVM and base only need to share the tokenizer: the BPE
+    base pads its vocabulary with 8 rows past the tokenizer's, the LenVM does not."""
     from sglang_lenvm import tiny_models as tm
 
     root = tmp_path_factory.mktemp("models")
     tm.build_tokenizer(root / "tok")
-    tm.build_causal_lm(root / "base", root / "tok", seed=0)
+    tm.build_causal_lm(root / "base", root / "tok", seed=0, extra_vocab=8)
     tm.build_lenvm(root / "lenvm", root / "tok", head_placement="file", arch="llama", seed=3)
     tm.build_char_tokenizer(root / "ctok")
     tm.build_causal_lm(root / "cbase", root / "ctok", seed=5)

@@ -7,23 +7,39 @@ import math
 import pytest
 import requests
 
-from sglang_lenvm.api import RequestError, parse_length_params, rewrite_body
+import sglang_lenvm.api as api
+from sglang_lenvm.config import LenVMConfig
+from sglang_lenvm.schema import RequestError, parse_public
 
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "Tell me about the sea"}]
 
 
 def parse(fields, **sampling):
-    return parse_length_params(fields, sampling, max_top_k=64, context_len=4096)
+    return parse_public(fields, sampling, max_top_k=64, context_len=4096)
+
+
+def rewrite_body(path, body, *, lenvm_loaded=True, method="POST"):
+    old = api._config
+    api.configure(LenVMConfig(lenvm_path="/x") if lenvm_loaded else None)
+    try:
+        import sglang_lenvm.httputil as hu
+        orig, hu.context_len = hu.context_len, lambda: 4096
+        try:
+            return api.rewrite_body(method, path, body)
+        finally:
+            hu.context_len = orig
+    finally:
+        api.configure(old)
 
 
 def test_parse_defaults_and_rejections():
     assert parse({}) is None
     assert parse({"beta": 0, "return_length_values": False}) is None
     p = parse({"length_target": 10})
-    assert p["mode"] == "equal" and p["target"] == 10 and p["beta"] == 0.0
-    assert parse({"beta": -2})["mode"] is None
-    assert parse({"length_target": 5}, temperature=0)["greedy"] is True
+    assert p.mode == "equal" and p.target == 10 and p.beta == 0.0
+    assert parse({"beta": -2}).mode is None
+    assert parse({"length_target": 5}, temperature=0).greedy is True
     for fields, param in [
         ({"length_target": "10"}, "length_target"), ({"length_target": 10.5}, "length_target"),
         ({"length_target": True}, "length_target"), ({"length_target": 0}, "length_target"),
@@ -43,33 +59,33 @@ def test_parse_defaults_and_rejections():
     with pytest.raises(RequestError) as e:
         parse({"length_target": 5, "length_mode": "at_most"}, top_k=100)
     assert e.value.param == "top_k"
-    assert parse({"length_target": 50, "length_mode": "at_most"}, max_tokens=20)["target"] == 50
+    assert parse({"length_target": 50, "length_mode": "at_most"}, max_tokens=20).target == 50
 
 
 def test_rewrite_moves_fields_and_caps_at_most():
     body = rewrite_body("/v1/chat/completions",
                         {"messages": MSG, "length_target": 8, "length_mode": "at_most",
-                         "max_tokens": 100, "extra_key": "tenant-a"},
-                        lenvm_loaded=True, max_top_k=64, context_len=4096)
+                         "max_tokens": 100, "extra_key": "tenant-a"})
     assert "length_target" not in body and body["max_tokens"] == 8
     assert body["custom_params"]["__lenvm"]["target"] == 8
-    assert body["extra_key"] == "lenvm|tenant-a"
+    assert body["extra_key"] == "tenant-a"  # the scheduler grants the LenVM namespace
     g = rewrite_body("/generate", {"text": "x", "sampling_params": {"length_target": 4,
-                                                                    "max_new_tokens": 9}},
-                     lenvm_loaded=True, max_top_k=64, context_len=4096)
+                                                                    "max_new_tokens": 9}})
     assert g["sampling_params"]["custom_params"]["__lenvm"]["target"] == 4
-    assert g["extra_key"] == "lenvm"
-    with pytest.raises(RequestError) as e:  # /generate's default max_new_tokens is 128
-        rewrite_body("/generate", {"text": "x", "sampling_params": {"length_target": 500}},
-                     lenvm_loaded=True, max_top_k=64, context_len=4096)
+    # Without a limit of its own, the target sets the budget (not /generate's default of 128).
+    g = rewrite_body("/generate", {"text": "x", "sampling_params": {"length_target": 500}})
+    wire = g["sampling_params"]["custom_params"]["__lenvm"]
+    assert wire["budget"] == 625 and not wire["budget_open"]  # ceil(1.25 x 500), equal
+    with pytest.raises(RequestError) as e:
+        rewrite_body("/generate", {"text": "x", "sampling_params": {"length_target": 500,
+                                                                    "max_new_tokens": 128}})
     assert e.value.param == "max_new_tokens"
     with pytest.raises(RequestError) as e:
-        rewrite_body(CHAT, {"messages": MSG, "beta": -1.0}, lenvm_loaded=False, max_top_k=64,
-                     context_len=4096)
+        rewrite_body(CHAT, {"messages": MSG, "beta": -1.0}, lenvm_loaded=False)
     assert e.value.param == "beta" and "without one" in str(e.value)
-    with pytest.raises(RequestError):
-        rewrite_body(CHAT, {"messages": MSG, "custom_params": {"__lenvm": {}}},
-                     lenvm_loaded=True, max_top_k=64, context_len=4096)
+    with pytest.raises(RequestError) as e:
+        rewrite_body(CHAT, {"messages": MSG, "custom_params": {"__lenvm": {}}})
+    assert e.value.param == "custom_params.__lenvm"
 
 
 def test_middleware_without_lenvm_returns_400():
@@ -79,14 +95,13 @@ def test_middleware_without_lenvm_returns_400():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    import sglang_lenvm.api as api
-
     async def echo(request):
         return JSONResponse(await request.json())
 
     app = Starlette(routes=[Route(CHAT, echo, methods=["POST"])])
     app.add_middleware(api.LengthFieldsMiddleware)
-    old, api._config = api._config, None
+    old = api._config
+    api.configure(None)
     try:
         client = TestClient(app)
         r = client.post(CHAT, json={"messages": MSG, "length_target": 5})
@@ -94,7 +109,7 @@ def test_middleware_without_lenvm_returns_400():
         r = client.post(CHAT, json={"messages": MSG, "temperature": 0.5})
         assert r.status_code == 200 and r.json() == {"messages": MSG, "temperature": 0.5}
     finally:
-        api._config = old
+        api.configure(old)
 
 
 BAD = [

@@ -9,22 +9,27 @@ from sglang_lenvm.runtime.length_state import (
     MODE_EQUAL,
     MODE_NONE,
     NEVER,
-    PARAMS_KEY,
     LengthState,
+    Settings,
     equal_stop_length,
     merge_optional,
 )
+from sglang_lenvm.schema import LengthParams
+
+SETTINGS = Settings("cpu", default_top_k=15, max_top_k=64)
 
 
-def req(params=None, prompt=5, stops=(), eos=(2,)):
-    cp = {PARAMS_KEY: params} if params is not None else None
-    sp = SimpleNamespace(custom_params=cp, stop_token_ids=set(stops), ignore_eos=False)
+def req(params=None, prompt=5, stops=(), eos=(2,), rid="r"):
+    """A request as admission leaves it (lenvm_params parsed from the private form)."""
+    sp = SimpleNamespace(stop_token_ids=set(stops), ignore_eos=False)
+    lp = LengthParams.from_wire(params, max_top_k=64) if params is not None else None
     return SimpleNamespace(sampling_params=sp, origin_input_ids=[0] * prompt,
-                           eos_token_ids=set(eos), tokenizer=None)
+                           eos_token_ids=set(eos), tokenizer=None, lenvm_params=lp, rid=rid,
+                           output_ids=[], customized_info=None)
 
 
-def build(reqs):
-    return LengthState.build(reqs, "cpu", default_top_k=15, max_top_k=64)
+def build(reqs, settings=SETTINGS):
+    return LengthState.build(reqs, settings)
 
 
 def test_no_lenvm_request_builds_nothing():
@@ -57,10 +62,10 @@ def test_filter_and_merge():
     f = a.filter(keep, torch.tensor(keep))
     assert f.active == [True, True] and f.target.tolist() == [10, 0]
     assert a.filter([1], torch.tensor([1])) is None  # no LenVM row left
-    merged = merge_optional(f, 2, None, 3, "cpu")
+    merged = merge_optional(f, f.reqs, None, [req()] * 3, SETTINGS)
     assert len(merged) == 5 and merged.active == [True, True, False, False, False]
     assert merged.stop_ids.shape == (5, 3)
-    both = merge_optional(None, 1, f, 2, "cpu")
+    both = merge_optional(None, [req()], f, f.reqs, SETTINGS)
     assert both.active == [False, True, True] and both.beta.tolist() == [0.0, 0.0, 1.0]
 
 
@@ -73,10 +78,10 @@ def test_equal_stop_length():
 
 
 def test_equal_stop_seq_len_follows_the_rows():
-    a = LengthState.build([req({"target": 8, "mode": "equal"}, prompt=3), req(),
-                           req({"target": 8, "mode": "at_most"}),
-                           req({"target": 20, "mode": "equal"}, prompt=4)],
-                          "cpu", default_top_k=15, max_top_k=64, equal_max_overshoot=0.25)
+    a = build([req({"target": 8, "mode": "equal"}, prompt=3), req(),
+               req({"target": 8, "mode": "at_most"}),
+               req({"target": 20, "mode": "equal"}, prompt=4)],
+              Settings("cpu", 15, 64, equal_max_overshoot=0.25))
     # output length 10 (prompt 3) is reached by the token generated at sequence length 12
     expected = [3 + 10 - 1, NEVER, NEVER, 4 + 25 - 1]
     assert a.equal_stop_seq_len.tolist() == expected
@@ -85,8 +90,8 @@ def test_equal_stop_seq_len_follows_the_rows():
     f = a.filter([0, 3], torch.tensor([0, 3]))
     assert f.equal_stop_seq_len.tolist() == f.equal_stop_seq_len_cpu.tolist() == [12, 28]
     assert f.rows(torch.tensor([1])).equal_stop_seq_len.tolist() == [28]
-    m = merge_optional(f, 2, None, 1, "cpu")
+    m = merge_optional(f, f.reqs, None, [req()], SETTINGS)
     assert m.equal_stop_seq_len_cpu.tolist() == [12, 28, NEVER]
-    off = LengthState.build([req({"target": 8, "mode": "equal"})], "cpu", default_top_k=15,
-                            max_top_k=64, equal_max_overshoot=float("inf"))
+    off = build([req({"target": 8, "mode": "equal"})],
+                Settings("cpu", 15, 64, equal_max_overshoot=float("inf")))
     assert off.equal_stop_seq_len_cpu.tolist() == [NEVER]

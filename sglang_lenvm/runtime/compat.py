@@ -1,10 +1,17 @@
-"""Server configurations the LenVM co-location supports, checked before anything is loaded.
+"""Set-ups the LenVM co-location cannot serve, refused at start-up with a message naming each.
 
 Each refused option would break the invariant that the LenVM's KV cache mirrors the base
-model's slot for slot (or runs a second model in ways not built here).
+model's slot for slot, or make the LenVM read what it cannot (quantized KV, token ids past its
+embedding). The launcher checks them before anything is loaded (`check_server_args`,
+`check_models`); the scheduler checks the models again on the objects it really built
+(`check_runtime`).
 """
 
 from __future__ import annotations
+
+from typing import List, Optional
+
+QUANTIZED_KV_PREFIXES = ("fp8", "fp4", "nvfp4", "mxfp", "int8", "int4", "e4m3", "e5m2")
 
 
 def _get(args, name, default=None):
@@ -28,5 +35,51 @@ def check_server_args(args) -> None:
         problems.append("--enable-dp-attention")
     if (_get(args, "page_size") or 1) != 1:
         problems.append("--page-size other than 1")
+    kv = str(_get(args, "kv_cache_dtype") or "auto").lower()
+    if kv.startswith(QUANTIZED_KV_PREFIXES):
+        problems.append(f"--kv-cache-dtype {kv} (the LenVM's star attention reads its KV "
+                        f"unscaled; use auto)")
+    if problems:
+        raise ValueError("sglang-lenvm does not support: " + "; ".join(problems))
+
+
+def model_problems(base_model_config, lenvm_vocab: Optional[int],
+                   tokenizer_size: Optional[int]) -> List[str]:
+    """What makes a base model / LenVM pair unservable (SGLang ModelConfig of the base)."""
+    problems = []
+    if getattr(base_model_config, "is_hybrid_swa", False):
+        problems.append("a hybrid sliding-window base model (its sliding-window KV lives in a "
+                        "second pool the LenVM cannot mirror)")
+    try:
+        linear = base_model_config.linear_attn_registry_result
+    except Exception:  # noqa: BLE001 - a config SGLang's registry cannot read is not linear
+        linear = None
+    if linear is not None:
+        problems.append("a hybrid linear-attention / Mamba base model (its recurrent state is "
+                        "not a KV cache the LenVM can mirror)")
+    if lenvm_vocab is not None and tokenizer_size is not None and lenvm_vocab < tokenizer_size:
+        problems.append(f"a LenVM whose embedding has {lenvm_vocab} rows, fewer than the "
+                        f"{tokenizer_size} tokens of the tokenizer (it could not score them)")
+    return problems
+
+
+def check_models(base_model_config, lenvm_vocab: Optional[int],
+                 tokenizer_size: Optional[int]) -> None:
+    problems = model_problems(base_model_config, lenvm_vocab, tokenizer_size)
+    if problems:
+        raise ValueError("sglang-lenvm does not support: " + "; ".join(problems))
+
+
+def check_runtime(scheduler, lenvm_model_config) -> None:
+    """The same checks on what the scheduler built (a server started another way than ours);
+    after init_memory_pools, which decides the pool kinds."""
+    target = scheduler.tp_worker.model_runner
+    tokenizer = getattr(scheduler, "tokenizer", None)
+    problems = model_problems(target.model_config, lenvm_model_config.vocab_size,
+                              len(tokenizer) if tokenizer is not None else None)
+    if getattr(scheduler, "is_hybrid_swa", False) and not any("sliding" in p for p in problems):
+        problems.append("a hybrid sliding-window KV pool")
+    if getattr(scheduler, "is_hybrid_ssm", False) and not any("Mamba" in p for p in problems):
+        problems.append("a hybrid state-space (Mamba) pool")
     if problems:
         raise ValueError("sglang-lenvm does not support: " + "; ".join(problems))

@@ -32,10 +32,13 @@ def mask_stop_tokens(logits: torch.Tensor, stop_ids: torch.Tensor, rows: torch.T
     Rows where that would leave no finite logit (e.g. a grammar that only allows EOS) are left
     alone: ending is then the only legal continuation.
     """
-    ids = stop_ids.clamp_min(0)
-    hit = (stop_ids >= 0) & rows[:, None]
-    masked = logits.clone()
-    masked.scatter_(1, ids, torch.where(hit, NEG_INF, masked.gather(1, ids)))
+    # Padding (-1) and rows that are not masked point at a spare column V, so no index ever
+    # writes a token's own value back over a stop token's -inf (a stop id may well be 0).
+    V = logits.shape[1]
+    cols = torch.where((stop_ids >= 0) & rows[:, None], stop_ids, V)
+    hit = torch.zeros((logits.shape[0], V + 1), dtype=torch.bool, device=logits.device)
+    hit.scatter_(1, cols, True)
+    masked = logits.masked_fill(hit[:, :V], NEG_INF)
     still_finite = torch.isfinite(masked).any(dim=1, keepdim=True)
     logits.copy_(torch.where(still_finite, masked, logits))
 

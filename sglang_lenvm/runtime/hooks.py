@@ -1,24 +1,33 @@
 """Where the LenVM enters SGLang: HookRegistry hooks, installed by the plugin when configured.
 
 Scheduler start-up (scheduler process):
-  maybe_init_draft_worker  -> build the LenVM runner (weights load before KV sizing)
+  maybe_init_draft_worker  -> check the set-up, build the LenVM runner (weights before KV sizing)
   DefaultPoolConfigurator  -> charge the LenVM's KV bytes per token to SGLang's KV budget
   init_memory_pools        -> share slot table + allocator, allocate the LenVM KV pool
   init_all_attention_backends -> the LenVM's attention backends
+Per request:
+  Scheduler._create_generation_req (AFTER) -> admission: validate, namespace, budget
 Per batch (lifecycle of the per-request length state, like penaltylib):
   SamplingBatchInfo.adjusted_from_schedule_batch / adjusted_filter_batch / adjusted_merge_batch,
   and copy_for_forward (the forward gets a shallow copy of the sampling info).
 Per step:
-  ModelRunner.forward (AFTER)            -> KV mirror of prefill batches
+  ModelRunner.forward (AFTER)            -> KV mirror of prefill batches (LenVM rows only)
   ModelRunner.sample (AROUND)            -> hands the batch to the logits hook, attaches outputs
   ModelRunner._preprocess_logits (AFTER) -> candidate scoring on the processed logits
 Outputs: SchedulerOutputStreamer.is_request_level_customized_info_key, Scheduler.get_internal_state.
+HTTP / Engine process: `responses.HOOKS` (length_control in OpenAI responses) and
+  `engine_api.HOOKS` (the Engine API's length fields).
+
+Every hook body is fault-isolated (faults.py): an exception costs the requests it concerns
+their guidance, never the scheduler. All hooks are registered in one `install` call, before
+SGLang applies them (a hook registered on an already-patched target would be dropped), and
+`verify_installed` checks that each one landed.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -28,36 +37,85 @@ logger = logging.getLogger(__name__)
 
 _config: Optional[LenVMConfig] = None
 _worker = None  # the scheduler process's LenVMWorker
+_installed: List[Tuple[str, Callable, HookType]] = []
 
 SCHED = "sglang.srt.managers.scheduler.Scheduler"
 SBI = "sglang.srt.sampling.sampling_batch_info.SamplingBatchInfo"
 RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
 
 
 def worker():
     return _worker
 
 
+def scheduler_hooks() -> List[Tuple[str, Callable, HookType]]:
+    return [
+        (f"{SCHED}.maybe_init_draft_worker", _build_worker, HookType.AFTER),
+        ("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.__init__",
+         _charge_kv_budget, HookType.AFTER),
+        (f"{SCHED}.init_memory_pools", _attach_pools, HookType.AFTER),
+        (f"{SCHED}.init_all_attention_backends", _init_attention, HookType.AFTER),
+        (f"{SCHED}.get_internal_state", _internal_state, HookType.AFTER),
+        (f"{SCHED}._create_generation_req", _admit, HookType.AFTER),
+        (f"{SBI}.adjusted_from_schedule_batch", _state_build, HookType.AFTER),
+        (f"{SBI}.adjusted_filter_batch", _state_filter, HookType.AFTER),
+        (f"{SBI}.adjusted_merge_batch", _state_merge, HookType.AFTER),
+        (f"{SBI}.copy_for_forward", _state_copy, HookType.AFTER),
+        (f"{RUNNER}.forward", _after_forward, HookType.AFTER),
+        (f"{RUNNER}.sample", _around_sample, HookType.AROUND),
+        (f"{RUNNER}._preprocess_logits", _after_preprocess_logits, HookType.AFTER),
+        (f"{STREAMER}.is_request_level_customized_info_key", _request_level_key,
+         HookType.AROUND),
+    ]
+
+
 def install(config: LenVMConfig) -> None:
+    """Register every hook of this package (scheduler, HTTP/Engine side)."""
     global _config
     _config = config
-    reg = HookRegistry.register
-    reg(f"{SCHED}.maybe_init_draft_worker", _build_worker, HookType.AFTER)
-    reg("sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator.__init__",
-        _charge_kv_budget, HookType.AFTER)
-    reg(f"{SCHED}.init_memory_pools", lambda _r, sched: _worker.attach_pools(), HookType.AFTER)
-    reg(f"{SCHED}.init_all_attention_backends", lambda _r, sched: _worker.init_attention(),
-        HookType.AFTER)
-    reg(f"{SCHED}.get_internal_state", _internal_state, HookType.AFTER)
-    reg(f"{SBI}.adjusted_from_schedule_batch", _state_build, HookType.AFTER)
-    reg(f"{SBI}.adjusted_filter_batch", _state_filter, HookType.AFTER)
-    reg(f"{SBI}.adjusted_merge_batch", _state_merge, HookType.AFTER)
-    reg(f"{SBI}.copy_for_forward", _state_copy, HookType.AFTER)
-    reg(f"{RUNNER}.forward", _after_forward, HookType.AFTER)
-    reg(f"{RUNNER}.sample", _around_sample, HookType.AROUND)
-    reg(f"{RUNNER}._preprocess_logits", _after_preprocess_logits, HookType.AFTER)
-    reg("sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
-        ".is_request_level_customized_info_key", _request_level_key, HookType.AROUND)
+    from sglang_lenvm import engine_api, responses
+
+    for target, fn, kind in scheduler_hooks() + responses.HOOKS + engine_api.HOOKS:
+        if (target, fn, kind) not in _installed:
+            HookRegistry.register(target, fn, kind)
+            _installed.append((target, fn, kind))
+
+
+def missing_hooks() -> List[str]:
+    """Targets of our registered hooks whose current function does not call our hook."""
+    import pkgutil
+
+    missing = []
+    for target, fn, _kind in _installed:
+        owner, attr = target.rsplit(".", 1)
+        try:
+            current = getattr(pkgutil.resolve_name(owner), attr)
+        except Exception:  # noqa: BLE001 - an unresolvable target is what we report
+            missing.append(target)
+            continue
+        current = getattr(current, "__func__", current)
+        found = False
+        while current is not None and not found:
+            found = any(_cell(c) is fn for c in (getattr(current, "__closure__", None) or ()))
+            current = getattr(current, "__wrapped__", None)
+        if not found:
+            missing.append(target)
+    return missing
+
+
+def _cell(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
+
+
+def verify_installed() -> None:
+    missing = missing_hooks()
+    if missing:
+        raise RuntimeError("sglang-lenvm: these SGLang hook points did not take our hooks (a "
+                           "different SGLang version?): " + ", ".join(missing))
 
 
 # ---- start-up ----
@@ -67,6 +125,7 @@ def _build_worker(_result, sched) -> None:
     from sglang_lenvm.runtime.compat import check_server_args
     from sglang_lenvm.runtime.worker import LenVMWorker
 
+    verify_installed()
     check_server_args(sched.server_args)
     _worker = LenVMWorker(_config, sched)
 
@@ -78,40 +137,86 @@ def _charge_kv_budget(_result, pool_configurator, kvc) -> None:
         pool_configurator._cell_size += _worker.kv_bytes_per_token()
 
 
+def _attach_pools(_result, sched) -> None:
+    from sglang_lenvm.runtime.compat import check_runtime
+
+    check_runtime(sched, _worker.model_config)
+    _worker.attach_pools()
+
+
+def _init_attention(_result, sched) -> None:
+    _worker.init_attention()
+
+
 def _internal_state(result, sched, *args, **kwargs):
     if _worker is not None:
+        from sglang_lenvm.runtime import faults
         from sglang_lenvm.runtime.stats import worker_stats
 
-        result.internal_state["lenvm"] = worker_stats(_worker, sched)
+        stats = faults.guarded("stats", lambda: worker_stats(_worker, sched))
+        result.internal_state["lenvm"] = stats
     return result
+
+
+# ---- per request ----
+
+def _admit(req, sched, *args, **kwargs):
+    if _worker is None:
+        return req
+    from sglang_lenvm.runtime.admission import admit
+
+    admit(req, max_top_k=_config.max_top_k, context_len=sched.model_config.context_len)
+    return req
 
 
 # ---- length state lifecycle ----
 
+def _settings(device):
+    from sglang_lenvm.runtime.length_state import Settings
+
+    return Settings(device, _config.top_k, _config.max_top_k, _config.equal_max_overshoot)
+
+
 def _state_build(_result, info, batch, vocab_size) -> None:
+    from sglang_lenvm.runtime import faults
+    from sglang_lenvm.runtime.attached import uses_lenvm
     from sglang_lenvm.runtime.length_state import LengthState
 
     info.lenvm_state = None
     if _worker is not None:
-        info.lenvm_state = LengthState.build(batch.reqs, info.device, _config.top_k,
-                                             _config.max_top_k, _config.equal_max_overshoot)
+        info.lenvm_state = faults.guarded(
+            "build", lambda: LengthState.build(batch.reqs, _settings(info.device)),
+            [r for r in batch.reqs if uses_lenvm(r)])
 
 
 def _state_filter(_result, info, keep, keep_device) -> None:
+    from sglang_lenvm.runtime import faults
+
     state = getattr(info, "lenvm_state", None)
     if state is not None:
-        info.lenvm_state = state.filter(keep, keep_device)
+        info.lenvm_state = faults.guarded("filter", lambda: state.filter(keep, keep_device),
+                                          [r for r in state.reqs if r is not None])
 
 
 def _state_merge(_result, info, other) -> None:
-    from sglang_lenvm.runtime.length_state import merge_optional
+    from sglang_lenvm.runtime import faults
+    from sglang_lenvm.runtime.length_state import LengthState
 
     mine, theirs = getattr(info, "lenvm_state", None), getattr(other, "lenvm_state", None)
     if mine is None and theirs is None:
         return
     # merge_batch has already concatenated the batch tensors: len(info) is the merged size.
     other_len = len(other)
-    info.lenvm_state = merge_optional(mine, len(info) - other_len, theirs, other_len, info.device)
+    mine_len = len(info) - other_len
+
+    def merge():
+        settings = (mine or theirs).settings
+        a = mine or LengthState.empty(mine_len, settings)
+        b = theirs or LengthState.empty(other_len, settings)
+        return a.merge(b)
+
+    reqs = [r for s in (mine, theirs) if s is not None for r in s.reqs if r is not None]
+    info.lenvm_state = faults.guarded("merge", merge, reqs)
 
 
 def _state_copy(result, info):
@@ -131,7 +236,11 @@ def _after_forward(result, runner, forward_batch, *args, **kwargs):
     state = getattr(forward_batch.sampling_info, "lenvm_state", None)
     mode = forward_batch.forward_mode
     if state is not None and state.any_active and mode.is_extend() and not mode.is_decode():
-        forward_batch.lenvm_last_z = _worker.mirror_extend(forward_batch)
+        from sglang_lenvm.runtime import faults
+        from sglang_lenvm.runtime.mirror import mirror_prefill
+
+        faults.guarded("mirror", lambda: mirror_prefill(_worker, forward_batch, state),
+                       [r for r in state.reqs if r is not None])
     return result
 
 
@@ -143,13 +252,13 @@ def _around_sample(orig, runner, logits_output, forward_batch, *args, **kwargs):
         out = orig(runner, logits_output, forward_batch, *args, **kwargs)
     finally:
         runner._lenvm_forward_batch = None
-    extra = getattr(forward_batch, "lenvm_output", None)
-    if extra is not None:
-        extra = extra.with_chosen(out)
-        from sglang.srt.managers.auxiliary_output import append_auxiliary_output
+    outputs = getattr(forward_batch, "lenvm_output", None)
+    if outputs:
+        from sglang_lenvm.runtime import faults
+        from sglang_lenvm.runtime.outputs import attach
 
-        logits_output.auxiliary_device_output = append_auxiliary_output(
-            logits_output.auxiliary_device_output, extra)
+        faults.guarded("outputs", lambda: attach(logits_output, outputs, out),
+                       _reqs_of(forward_batch))
     return out
 
 
@@ -157,13 +266,17 @@ def _after_preprocess_logits(result, runner, logits_output, sampling_info, *args
     forward_batch = getattr(runner, "_lenvm_forward_batch", None)
     if forward_batch is None or not _is_target(runner):
         return result
+    from sglang_lenvm.runtime import faults
     from sglang_lenvm.runtime.scorer import score_step
 
-    try:
-        score_step(_worker, logits_output, sampling_info, forward_batch)
-    except Exception:  # never take the batch down: its requests sample unguided this step
-        logger.exception("LenVM scoring failed; this step samples without guidance")
+    faults.guarded("scoring", lambda: score_step(_worker, logits_output, sampling_info,
+                                                 forward_batch), _reqs_of(forward_batch))
     return result
+
+
+def _reqs_of(forward_batch):
+    state = getattr(forward_batch.sampling_info, "lenvm_state", None)
+    return [r for r in state.reqs if r is not None] if state is not None else []
 
 
 def _request_level_key(orig, streamer, key):

@@ -6,60 +6,53 @@ prefill batch joins the running batch (`merge`). Every step then reads whole ten
 loop over requests. The tokens generated so far are not stored: they are derived on the device
 each step as `seq_len - prompt_len` (overlap scheduling makes CPU-side counts lag by a token).
 
+Each field says how it follows the rows (`_ROW`): host lists and CPU tensors are indexed on the
+host, device tensors on the device; filter, merge and rows loop over the fields by that tag.
 Updates are functional (filter/merge return new objects) because SGLang hands the forward a
-shallow copy of the sampling info while the scheduler goes on filtering its own.
+shallow copy of the sampling info while the scheduler goes on filtering its own. The one
+exception is quarantine (faults.py), which switches a row off in the shared host lists at once
+(and on the request, which every later build/filter/merge reads).
+
+Every phase is isolated (faults.isolated): a row whose build fails is quarantined and the
+state is rebuilt from the requests, which hold everything the state is made of.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-PARAMS_KEY = "__lenvm"  # our private entry in SamplingParams.custom_params, set by api.py
+from sglang_lenvm.runtime import faults
+from sglang_lenvm.runtime.attached import fault_of, params_of
+from sglang_lenvm.schema import (  # noqa: F401 - re-exported for the runtime
+    MODE_AT_LEAST,
+    MODE_AT_MOST,
+    MODE_EQUAL,
+    MODE_NONE,
+    MODES,
+    NEVER,
+    PARAMS_KEY,
+    equal_stop_length,
+)
 
-MODE_NONE, MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST = 0, 1, 2, 3
-MODES = {"equal": MODE_EQUAL, "at_most": MODE_AT_MOST, "at_least": MODE_AT_LEAST}
-NEVER = 1 << 62  # a sequence length no request reaches
+HOST, DEVICE, CPU = "host", "device", "cpu"  # how a field follows the rows
 
 
-def equal_stop_length(target: int, max_overshoot: float) -> int:
-    """Output length (stop token included) by which an `equal` output ends at the latest."""
-    if not math.isfinite(max_overshoot):
-        return NEVER
-    # round() first: (1 + 0.1) * 10 is 11.000000000000002 in floating point.
-    return max(target, math.ceil(round((1.0 + max_overshoot) * target, 9)))
+def _row(kind: str, **kw):
+    return dataclasses.field(metadata={"row": kind}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
-class RequestLengthParams:
-    """What one request asked for (validated by the API layer)."""
+class Settings:
+    """Server settings the state is built with."""
 
-    target: Optional[int] = None
-    mode: Optional[str] = None
-    beta: float = 0.0
-    return_values: bool = False
-    top_k: Optional[int] = None  # the request's own top_k, if it set one
-    greedy: bool = False  # temperature 0 at the API (SGLang turns it into top_k=1)
-
-    @property
-    def steers(self) -> bool:
-        return self.mode is not None or self.beta != 0.0
-
-    @property
-    def uses_lenvm(self) -> bool:
-        return self.steers or self.return_values
-
-    @classmethod
-    def from_req(cls, req) -> Optional["RequestLengthParams"]:
-        cp = req.sampling_params.custom_params
-        raw = cp.get(PARAMS_KEY) if isinstance(cp, dict) else None
-        if not raw:
-            return None
-        params = cls(**raw)
-        return params if params.uses_lenvm else None
+    device: object
+    default_top_k: int
+    max_top_k: int
+    equal_max_overshoot: float = math.inf
 
 
 def request_stop_ids(req) -> List[int]:
@@ -73,30 +66,40 @@ def request_stop_ids(req) -> List[int]:
         if tok.eos_token_id is not None:
             ids.add(tok.eos_token_id)
         ids |= set(getattr(tok, "additional_stop_token_ids", None) or ())
-    return sorted(ids)
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def _final_chunk(req) -> bool:
+    """Whether the request's coming extend is its last prefill chunk (it samples a token)."""
+    fill = getattr(req, "full_untruncated_fill_ids", None)
+    end = getattr(req, "extend_end", None)
+    return fill is None or end is None or end >= len(fill)
 
 
 @dataclasses.dataclass(frozen=True)
 class LengthState:
-    # --- host side (cheap gating, no device sync) ---
-    active: List[bool]  # row uses the LenVM at all (steers, or only reports values)
-    steer: List[bool]  # row's sampling is changed by the LenVM
-    want_values: List[bool]
-    modes: List[int]  # MODE_* per row, on the host too: decides which steps run at all
-    num_candidates: int  # largest candidate count among steering rows (0: none steer)
+    settings: Settings = _row("none")
+    num_candidates: int = _row("none")  # largest candidate count of a steering row (0: none)
+    # --- host side, one entry per row ---
+    reqs: List = _row(HOST)  # the Req, None for rows that never used the LenVM
+    active: List[bool] = _row(HOST)  # row uses the LenVM (steers, or only reports values)
+    steer: List[bool] = _row(HOST)  # row's sampling is changed by the LenVM
+    want_values: List[bool] = _row(HOST)
+    modes: List[int] = _row(HOST)  # MODE_* per row, on the host: decides which steps run
+    final_chunk: List[bool] = _row(HOST)  # the batch's extend is the row's last prefill chunk
     # --- device side, one row per request ---
-    mode: torch.Tensor  # int64 MODE_*
-    target: torch.Tensor  # int64, 0 where unset
-    beta: torch.Tensor  # float32
-    prompt_len: torch.Tensor  # int64
-    top_k: torch.Tensor  # int64 candidates for this row (0 for non-steering rows)
-    greedy: torch.Tensor  # bool
-    stop_ids: torch.Tensor  # int64 [bs, S], -1 padded
+    mode: torch.Tensor = _row(DEVICE)  # int64 MODE_*
+    target: torch.Tensor = _row(DEVICE)  # int64, 0 where unset
+    beta: torch.Tensor = _row(DEVICE)  # float32
+    prompt_len: torch.Tensor = _row(DEVICE)  # int64
+    top_k: torch.Tensor = _row(DEVICE)  # int64 candidates for this row (0 for non-steering rows)
+    greedy: torch.Tensor = _row(DEVICE)  # bool
+    stop_ids: torch.Tensor = _row(DEVICE)  # int64 [bs, S], -1 padded
     # equal rows: the sequence length (prompt + output so far) from which the row's stop token
     # is a candidate at every step (see equal_stop_length); NEVER for other rows. On the
     # device for the step, and a CPU copy so that steps with no row near it skip the extra slot.
-    equal_stop_seq_len: torch.Tensor  # int64
-    equal_stop_seq_len_cpu: torch.Tensor  # int64, on the CPU
+    equal_stop_seq_len: torch.Tensor = _row(DEVICE)  # int64
+    equal_stop_seq_len_cpu: torch.Tensor = _row(CPU)  # int64, on the CPU
 
     @property
     def any_active(self) -> bool:
@@ -104,132 +107,209 @@ class LengthState:
 
     @property
     def any_steer(self) -> bool:
-        return self.num_candidates > 0
+        return self.num_candidates > 0 and any(self.steer)
 
     def __len__(self) -> int:
         return len(self.active)
 
+    def rids(self, rows: Optional[Sequence[int]] = None) -> List[Optional[str]]:
+        rows = range(len(self)) if rows is None else rows
+        return [getattr(self.reqs[i], "rid", None) for i in rows]
+
+    def deactivate(self, i: int) -> None:
+        """Switch row i off in place (after quarantine); seen by every holder of this state."""
+        self.active[i] = self.steer[i] = self.want_values[i] = False
+
+    # ---- build ----
+
     @classmethod
-    def build(cls, reqs, device, default_top_k: int, max_top_k: int,
-              equal_max_overshoot: float = math.inf) -> Optional["LengthState"]:
+    def build(cls, reqs, settings: Settings) -> Optional["LengthState"]:
         """One row per request; None when no request in the batch uses the LenVM."""
-        params = [RequestLengthParams.from_req(r) for r in reqs]
-        if not any(p is not None for p in params):
+        reqs = list(reqs)
+        if not any(_wants_lenvm(r) for r in reqs):
             return None
+        lenvm = [r for r in reqs if _wants_lenvm(r)]
+        how, result = faults.isolated(
+            "build", lenvm,
+            lambda: cls._from_rows([_row_values(r, settings, "build") for r in reqs], settings),
+            lambda i: cls._from_rows([_row_values(lenvm[i], settings, "build")], settings))
+        if how == "batch":
+            return result
+        return cls.rebuild(reqs, settings)
+
+    @classmethod
+    def rebuild(cls, reqs, settings: Settings, phase: str = "build") -> Optional["LengthState"]:
+        """Row by row from the requests (the fallback of every phase); failing rows quarantined."""
         rows = []
-        for req, p in zip(reqs, params):
-            p = p or RequestLengthParams()
-            k = 0
-            if p.steers:
-                k = min(p.top_k if p.top_k is not None else default_top_k, max_top_k)
-            rows.append((p, k, len(req.origin_input_ids), request_stop_ids(req) if p.uses_lenvm else []))
-        width = max(1, max(len(r[3]) for r in rows))
+        for r in reqs:
+            values = None
+            if _wants_lenvm(r):
+                try:
+                    values = _row_values(r, settings, phase)
+                except Exception as error:  # noqa: BLE001
+                    faults.quarantine(r, phase, error)
+            rows.append(values or _idle_row(r))
+        if not any(r.active for r in rows):
+            return None
+        return cls._from_rows(rows, settings)
+
+    @classmethod
+    def _from_rows(cls, rows: List["_Row"], settings: Settings) -> "LengthState":
+        width = max(1, max(len(r.stop_ids) for r in rows))
         stop = torch.full((len(rows), width), -1, dtype=torch.int64)
         for i, r in enumerate(rows):
-            stop[i, : len(r[3])] = torch.tensor(r[3], dtype=torch.int64)
+            stop[i, : len(r.stop_ids)] = torch.tensor(r.stop_ids, dtype=torch.int64)
+        stop_seq = torch.tensor([r.equal_stop_seq_len for r in rows], dtype=torch.int64)
 
         def dev(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return torch.tensor(values, dtype=dtype).to(settings.device, non_blocking=True)
 
-        def stop_seq_len(p, prompt_len):
-            # The token that makes the output `limit` long is generated at sequence length
-            # prompt + limit - 1 (seq_len counts the step's input token, not its output).
-            limit = equal_stop_length(p.target, equal_max_overshoot) if p.mode == "equal" else NEVER
-            return NEVER if limit == NEVER else prompt_len + limit - 1
-
-        stop_seq = torch.tensor([stop_seq_len(p, n) for p, _, n, _ in rows], dtype=torch.int64)
+        def col(name):
+            return [getattr(r, name) for r in rows]
 
         return cls(
-            active=[p.uses_lenvm for p, *_ in rows],
-            steer=[p.steers for p, *_ in rows],
-            want_values=[p.return_values for p, *_ in rows],
-            modes=[MODES.get(p.mode, MODE_NONE) for p, *_ in rows],
-            num_candidates=max(k for _, k, *_ in rows),
-            mode=dev([MODES.get(p.mode, MODE_NONE) for p, *_ in rows], torch.int64),
-            target=dev([p.target or 0 for p, *_ in rows], torch.int64),
-            beta=dev([p.beta for p, *_ in rows], torch.float32),
-            prompt_len=dev([r[2] for r in rows], torch.int64),
-            top_k=dev([r[1] for r in rows], torch.int64),
-            greedy=dev([p.greedy for p, *_ in rows], torch.bool),
-            stop_ids=stop.to(device, non_blocking=True),
-            equal_stop_seq_len=stop_seq.to(device, non_blocking=True),
+            settings=settings,
+            num_candidates=max(col("top_k")),
+            reqs=col("req"), active=col("active"), steer=col("steer"),
+            want_values=col("want_values"), modes=col("mode"), final_chunk=col("final_chunk"),
+            mode=dev(col("mode"), torch.int64),
+            target=dev(col("target"), torch.int64),
+            beta=dev(col("beta"), torch.float32),
+            prompt_len=dev(col("prompt_len"), torch.int64),
+            top_k=dev(col("top_k"), torch.int64),
+            greedy=dev(col("greedy"), torch.bool),
+            stop_ids=stop.to(settings.device, non_blocking=True),
+            equal_stop_seq_len=stop_seq.to(settings.device, non_blocking=True),
             equal_stop_seq_len_cpu=stop_seq,
         )
 
     @classmethod
-    def empty(cls, n: int, device) -> "LengthState":
-        z = torch.zeros(n, dtype=torch.int64, device=device)
-        return cls(
-            active=[False] * n, steer=[False] * n, want_values=[False] * n,
-            modes=[MODE_NONE] * n, num_candidates=0,
-            mode=z, target=z, beta=torch.zeros(n, dtype=torch.float32, device=device),
-            prompt_len=z, top_k=z, greedy=torch.zeros(n, dtype=torch.bool, device=device),
-            stop_ids=torch.full((n, 1), -1, dtype=torch.int64, device=device),
-            equal_stop_seq_len=torch.full((n,), NEVER, dtype=torch.int64, device=device),
-            equal_stop_seq_len_cpu=torch.full((n,), NEVER, dtype=torch.int64),
-        )
+    def empty(cls, n: int, settings: Settings) -> "LengthState":
+        return cls._from_rows([_idle_row(None)] * n, settings)
+
+    # ---- lifecycle ----
 
     def filter(self, keep: List[int], keep_device: torch.Tensor) -> Optional["LengthState"]:
-        active = [self.active[i] for i in keep]
-        if not any(active):
+        reqs = [self.reqs[i] for i in keep]
+        if not any(self.active[i] for i in keep):
             return None
-        steer = [self.steer[i] for i in keep]
-        top_k = self.top_k[keep_device]
-        return dataclasses.replace(
-            self,
-            active=active,
-            steer=steer,
-            want_values=[self.want_values[i] for i in keep],
-            modes=[self.modes[i] for i in keep],
-            # An upper bound is enough on the host; it shrinks to 0 when no row steers.
-            num_candidates=self.num_candidates if any(steer) else 0,
-            mode=self.mode[keep_device],
-            target=self.target[keep_device],
-            beta=self.beta[keep_device],
-            prompt_len=self.prompt_len[keep_device],
-            top_k=top_k,
-            greedy=self.greedy[keep_device],
-            stop_ids=self.stop_ids[keep_device],
-            equal_stop_seq_len=self.equal_stop_seq_len[keep_device],
-            equal_stop_seq_len_cpu=self.equal_stop_seq_len_cpu[keep],
-        )
 
-    def merge(self, other: "LengthState") -> "LengthState":
-        width = max(self.stop_ids.shape[1], other.stop_ids.shape[1])
+        def batched():
+            faults.inject("filter", [r.rid for r in reqs if _wants_lenvm(r)])
+            return self._index(keep, keep_device)
 
-        def pad(t):
-            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
+        how, result = faults.isolated("filter", [r for r in reqs if _wants_lenvm(r)], batched,
+                                      lambda i: None)
+        state = result if how == "batch" else LengthState.rebuild(reqs, self.settings, "filter")
+        return state._refreshed() if state is not None else None
 
-        return LengthState(
-            active=self.active + other.active,
-            steer=self.steer + other.steer,
-            want_values=self.want_values + other.want_values,
-            modes=self.modes + other.modes,
-            num_candidates=max(self.num_candidates, other.num_candidates),
-            mode=torch.cat([self.mode, other.mode]),
-            target=torch.cat([self.target, other.target]),
-            beta=torch.cat([self.beta, other.beta]),
-            prompt_len=torch.cat([self.prompt_len, other.prompt_len]),
-            top_k=torch.cat([self.top_k, other.top_k]),
-            greedy=torch.cat([self.greedy, other.greedy]),
-            stop_ids=torch.cat([pad(self.stop_ids), pad(other.stop_ids)]),
-            equal_stop_seq_len=torch.cat([self.equal_stop_seq_len, other.equal_stop_seq_len]),
-            equal_stop_seq_len_cpu=torch.cat([self.equal_stop_seq_len_cpu,
-                                              other.equal_stop_seq_len_cpu]),
-        )
+    def merge(self, other: "LengthState") -> Optional["LengthState"]:
+        reqs = self.reqs + other.reqs
+
+        def batched():
+            faults.inject("merge", [r.rid for r in reqs if _wants_lenvm(r)])
+            return self._concat(other)
+
+        how, result = faults.isolated("merge", [r for r in reqs if _wants_lenvm(r)], batched,
+                                      lambda i: None)
+        state = result if how == "batch" else LengthState.rebuild(reqs, self.settings, "merge")
+        return state._refreshed() if state is not None else None
 
     def rows(self, index: torch.Tensor) -> "LengthState":
         """The device tensors of a subset of rows (host lists are not needed there)."""
-        return dataclasses.replace(
-            self, mode=self.mode[index], target=self.target[index], beta=self.beta[index],
-            prompt_len=self.prompt_len[index], top_k=self.top_k[index],
-            greedy=self.greedy[index], stop_ids=self.stop_ids[index],
-            equal_stop_seq_len=self.equal_stop_seq_len[index],
-        )
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[index]
+                                            for f in _fields(DEVICE)})
+
+    def _index(self, keep: List[int], keep_device: torch.Tensor) -> "LengthState":
+        new = {f.name: [getattr(self, f.name)[i] for i in keep] for f in _fields(HOST)}
+        new.update({f.name: getattr(self, f.name)[keep_device] for f in _fields(DEVICE)})
+        new.update({f.name: getattr(self, f.name)[keep] for f in _fields(CPU)})
+        # An upper bound is enough on the host.
+        return dataclasses.replace(self, **new)
+
+    def _concat(self, other: "LengthState") -> "LengthState":
+        width = max(self.stop_ids.shape[1], other.stop_ids.shape[1])
+
+        def cat(a, b):
+            if a.dim() == 2:  # stop_ids: pad to the wider row
+                pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
+                a, b = pad(a), pad(b)
+            return torch.cat([a, b])
+
+        new = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in _fields(HOST)}
+        new.update({f.name: cat(getattr(self, f.name), getattr(other, f.name))
+                    for f in _fields(DEVICE) + _fields(CPU)})
+        return dataclasses.replace(self, num_candidates=max(self.num_candidates,
+                                                            other.num_candidates), **new)
+
+    def _refreshed(self) -> Optional["LengthState"]:
+        """Rows quarantined since this state was made are off (a copy of the host lists)."""
+        off = [i for i, r in enumerate(self.reqs) if r is not None and fault_of(r) is not None]
+        state = dataclasses.replace(self, active=list(self.active), steer=list(self.steer),
+                                    want_values=list(self.want_values))
+        for i in off:
+            state.deactivate(i)
+        if not state.any_active:
+            return None
+        if not any(state.steer):
+            state = dataclasses.replace(state, num_candidates=0)
+        return state
 
 
-def merge_optional(a: Optional[LengthState], a_len: int, b: Optional[LengthState], b_len: int,
-                   device) -> Optional[LengthState]:
+def _fields(kind: str):
+    return [f for f in dataclasses.fields(LengthState) if f.metadata["row"] == kind]
+
+
+def _wants_lenvm(req) -> bool:
+    p = params_of(req)
+    return p is not None and p.uses_lenvm and fault_of(req) is None
+
+
+class _Row(NamedTuple):
+    """What one request contributes to the state."""
+
+    req: object
+    active: bool
+    steer: bool
+    want_values: bool
+    mode: int
+    top_k: int
+    target: int
+    beta: float
+    greedy: bool
+    stop_ids: List[int]
+    final_chunk: bool
+    equal_stop_seq_len: int
+    prompt_len: int
+
+
+def _idle_row(req) -> _Row:
+    prompt = len(req.origin_input_ids) if req is not None else 0
+    return _Row(None, False, False, False, MODE_NONE, 0, 0, 0.0, False, [], True, NEVER, prompt)
+
+
+def _row_values(req, settings: Settings, phase: str) -> _Row:
+    faults.inject(phase, [req.rid])
+    p = params_of(req)
+    k = 0
+    if p.steers:
+        k = min(p.top_k if p.top_k is not None else settings.default_top_k, settings.max_top_k)
+    prompt = len(req.origin_input_ids)
+    stop_seq = NEVER
+    if p.mode == "equal":
+        # The token that makes the output `limit` long is generated at sequence length
+        # prompt + limit - 1 (seq_len counts the step's input token, not its output).
+        limit = equal_stop_length(p.target, settings.equal_max_overshoot)
+        stop_seq = NEVER if limit == NEVER else prompt + limit - 1
+    return _Row(req, True, p.steers, p.return_values, p.mode_code, k, p.target or 0, p.beta,
+                p.greedy, request_stop_ids(req), _final_chunk(req), stop_seq, prompt)
+
+
+def merge_optional(a: Optional[LengthState], a_reqs, b: Optional[LengthState], b_reqs,
+                   settings: Settings) -> Optional[LengthState]:
+    """Merge two batches' states, either of which may be None (no LenVM row)."""
     if a is None and b is None:
         return None
-    return (a or LengthState.empty(a_len, device)).merge(b or LengthState.empty(b_len, device))
+    a = a or LengthState.empty(len(a_reqs), settings)
+    b = b or LengthState.empty(len(b_reqs), settings)
+    return a.merge(b)

@@ -3,20 +3,28 @@
 Called from the base model's sampling path after SGLang's own logit processing (logit bias,
 grammar mask, penalties), so candidates respect all of them. One interface, two
 implementations: plain torch on CPU (decision.py, star_attention.py) and the Triton kernels
-of `sglang_lenvm.kernels` on GPU (candidates, star attention, fused value head + decision). The decision is handed back to
-SGLang's sampler as logits: -inf outside the chosen distribution, log-probabilities times the
-row's temperature inside it (the sampler divides by the temperature again), with the row's
-top-k/top-p/min-p neutralized because the truncation already happened here. Rows that do not
-steer are left exactly as they were.
+of `sglang_lenvm.kernels` on GPU (candidates, star attention, fused value head + decision).
+The decision is handed back to SGLang's sampler as logits: -inf outside the chosen
+distribution, log-probabilities times the row's temperature inside it (the sampler divides by
+the temperature again), with the row's top-k/top-p/min-p neutralized because the truncation
+already happened here. Rows that do not steer are left exactly as they were.
+
+The phases of `score_rows`: `_plan_candidates` (selection, the stop-token slot), the star
+forward (`_values_and_decision`, with the decision fused on GPU), `_to_logits`. The step runs
+under fault isolation (faults.isolated): if the batch fails, each row is scored alone, and a
+row that still fails is quarantined and samples unguided.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
+from sglang_lenvm.runtime import faults
+from sglang_lenvm.runtime.attached import fault_of
 from sglang_lenvm.runtime.decision import (
     Candidates,
     HeadDecision,
@@ -41,21 +49,22 @@ logger = logging.getLogger(__name__)
 TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary"
 
 
-def _with_stop_candidate(cand: Candidates, probs_of, stop_id: torch.Tensor,
-                         rows: torch.Tensor) -> Candidates:
-    """Append each row's first stop token as one more candidate where `rows`.
+@dataclasses.dataclass
+class StepResult:
+    """What scoring some rows produced, before it is written into the batch."""
 
-    Those are at_most rows (at the last token of the budget only a stop token is admissible,
-    and it must be there even when truncation dropped it) and equal rows past their stop
-    length (with no budget left the stop token, predicted 0, is the closest candidate). It is
-    invalid where already present or impossible.
-    """
-    present = (cand.ids == stop_id.view(-1, 1)) & cand.valid
-    ids = torch.cat([cand.ids, stop_id.clamp_min(0).view(-1, 1)], dim=1)
-    prob = probs_of(stop_id.clamp_min(0))
-    ok = rows & (stop_id >= 0) & ~present.any(1) & (prob > 0)
-    return Candidates(ids=ids, base_prob=torch.cat([cand.base_prob, prob.view(-1, 1)], dim=1),
-                      valid=torch.cat([cand.valid, ok.view(-1, 1)], dim=1))
+    rows: torch.Tensor  # [n] batch rows
+    use: Optional[torch.Tensor]  # [n] bool: rows whose sampling distribution is replaced
+    logits: Optional[torch.Tensor]  # [n, V] the replacement
+    neutralize: Optional[torch.Tensor]  # [n] bool: rows whose own truncation is switched off
+    output: LenVMDeviceOutput
+
+
+def scoring_rows(state: LengthState, is_decode: bool) -> List[int]:
+    """Rows the LenVM works on this step: active, not quarantined, and (in a prefill) at the
+    last chunk of their prompt: an intermediate chunk samples nothing, so it is only mirrored."""
+    return [i for i, a in enumerate(state.active)
+            if a and fault_of(state.reqs[i]) is None and (is_decode or state.final_chunk[i])]
 
 
 def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch) -> None:
@@ -66,37 +75,44 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
     is_decode = mode.is_decode()
     if not (is_decode or mode.is_extend()):
         return
+    rows = scoring_rows(state, is_decode)
+    if not rows:
+        return
     logits = logits_output.next_token_logits
+    how, result = faults.isolated(
+        "scoring", [state.reqs[i] for i in rows],
+        lambda: score_rows(worker, logits, sampling_info, forward_batch, state, rows, is_decode),
+        lambda j: score_rows(worker, logits, sampling_info, forward_batch, state, [rows[j]],
+                             is_decode))
+    results = [result] if how == "batch" else [r for r in result if r is not None]
+    outputs = []
+    for r in results:
+        if r.logits is not None:
+            logits[r.rows] = torch.where(r.use.view(-1, 1), r.logits.to(logits.dtype),
+                                         logits[r.rows])
+            _neutralize_truncation(sampling_info, r.rows, r.neutralize)
+        outputs.append(r.output)
+    forward_batch.lenvm_output = outputs
+
+
+def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward_batch,
+               state: LengthState, rows: List[int], is_decode: bool) -> StepResult:
     device = logits.device
-    active_rows = [i for i, a in enumerate(state.active) if a]
-    rows = torch.tensor(active_rows, dtype=torch.int64).to(device, non_blocking=True)
-    st = state.rows(rows)
-    seq_lens = forward_batch.seq_lens[rows]
+    rids = state.rids(rows)
+    index = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    st = state.rows(index)
+    seq_lens = forward_batch.seq_lens[index]
     generated = seq_lens - st.prompt_len  # tokens generated before this step's token
-    K = state.num_candidates
-    B = len(active_rows)
+    steer_host = [state.steer[i] for i in rows]
+    steer = torch.tensor(steer_host, dtype=torch.bool).to(device, non_blocking=True)
+    temps = sampling_info.temperatures.view(-1)[index]
+    B = len(rows)
 
     cand = None
-    steer = torch.tensor([state.steer[i] for i in active_rows], dtype=torch.bool).to(
-        device, non_blocking=True)
-    host_modes = {state.modes[i] for i in active_rows if state.steer[i]}
-    temps = sampling_info.temperatures.view(-1)[rows]
-    if K > 0:
-        row_logits = logits[rows].float()
-        if MODE_AT_LEAST in host_modes:
-            at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
-            mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
-        cand, probs_of = _candidates(worker, row_logits, temps, st, sampling_info, rows, K)
-        cand.valid &= steer.view(-1, 1)
-        cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
-        if not worker.use_kernels:
-            cand = _drop_unused_slots(cand)
-        if MODE_AT_MOST in host_modes or (
-                MODE_EQUAL in host_modes and _equal_stop_near(state, forward_batch, active_rows)):
-            stop_rows = (st.mode == MODE_AT_MOST) & steer
-            stop_rows |= (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
-            cand = _with_stop_candidate(cand, probs_of, st.stop_ids[:, 0], stop_rows)
-        K = cand.ids.shape[1]
+    if state.num_candidates > 0 and any(steer_host):
+        cand = _plan_candidates(worker, logits[index].float(), temps, st, sampling_info, index,
+                                steer, state, rows, seq_lens, forward_batch)
+    K = cand.ids.shape[1] if cand is not None else 0
 
     # The star trees: [root] + candidates. Decode roots are the step's input tokens, written
     # to their own KV slots (the mirror); prefill rows were mirrored after the base forward.
@@ -104,49 +120,103 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
     T = R + K
     decision = None
     if T == 0:
-        p_state = torch.sigmoid(forward_batch.lenvm_last_z[rows])
+        p_state = torch.sigmoid(forward_batch.lenvm_last_z[index])
     else:
         parts, pos = [], []
         prefix = seq_lens - R
         if R:
-            parts.append(forward_batch.input_ids[rows].view(-1, 1))
+            parts.append(forward_batch.input_ids[index].view(-1, 1))
             pos.append(prefix.view(-1, 1))
         if K:
             parts.append(cand.ids)
             pos.append((prefix + R).view(-1, 1).expand(B, K))
         meta = StarMeta(
-            req_pool_indices=forward_batch.req_pool_indices[rows],
+            req_pool_indices=forward_batch.req_pool_indices[index],
             prefix_lens=prefix,
-            max_prefix_len=_host_max(forward_batch, active_rows, R),
+            max_prefix_len=_host_max(forward_batch, rows, R),
             tree_size=T,
             has_root=bool(R),
-            root_slots=forward_batch.out_cache_loc[rows] if R else None,
+            root_slots=forward_batch.out_cache_loc[index] if R else None,
         )
         tokens, positions = torch.cat(parts, 1), torch.cat(pos, 1)
+        faults.inject("star", rids)
         if K:
-            decision = _values_and_decision(worker, tokens, positions, meta, cand, st, generated)
+            decision = _values_and_decision(worker, tokens, positions, meta, cand, st, generated,
+                                            rids)
             p_all = decision.p_all
         else:
             p_all = torch.sigmoid(worker.star(tokens, positions, meta))
-        p_state = p_all[:, 0] if R else torch.sigmoid(forward_batch.lenvm_last_z[rows])
+        p_state = p_all[:, 0] if R else torch.sigmoid(forward_batch.lenvm_last_z[index])
 
     ok = torch.isfinite(p_state)
+    use = new = neutralize = None
     if decision is not None:
         ok = ok & decision.cand_ok
         new = distribution_to_logits(decision.q, cand.ids, logits.shape[1], temps)
         use = steer & ok
-        logits[rows] = torch.where(use.view(-1, 1), new.to(logits.dtype), logits[rows])
-        _neutralize_truncation(sampling_info, rows, use & ~st.greedy)
-
-    forward_batch.lenvm_output = LenVMDeviceOutput(
-        batch_rows=active_rows,
-        want_values=[state.want_values[i] for i in active_rows],
+        neutralize = use & ~st.greedy
+    output = LenVMDeviceOutput(
+        batch_rows=list(rows),
+        want_values=[state.want_values[i] for i in rows],
         p_state=p_state.float(),
         ok=ok,
         gamma=worker.gamma,
         cand_ids=cand.ids if decision is not None else None,
         p_cand=decision.p_cand if decision is not None else None,
     )
+    return StepResult(index, use, new, neutralize, output)
+
+
+def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer, state, rows,
+                     seq_lens, forward_batch) -> Candidates:
+    """The steering rows' candidates, plus each row's stop-token slot where it must be one."""
+    host_modes = {state.modes[i] for i in rows if state.steer[i]}
+    if worker.candidate_vocab is not None:  # ids past the LenVM's embedding: never candidates
+        row_logits[:, worker.candidate_vocab:] = float("-inf")
+    if MODE_AT_LEAST in host_modes:
+        # SGLang's min_new_tokens (set at admission) already masks the stop tokens until the
+        # target; this keeps the candidates right even if a request reached us without it.
+        generated = seq_lens - st.prompt_len
+        at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
+        mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
+    cand, probs_of = _candidates(worker, row_logits, temps, st, sampling_info, index,
+                                 state.num_candidates)
+    cand.valid &= steer.view(-1, 1)
+    cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
+    if not worker.use_kernels:
+        cand = _drop_unused_slots(cand)
+    if MODE_AT_MOST in host_modes or (
+            MODE_EQUAL in host_modes and _equal_stop_near(state, forward_batch, rows)):
+        stop_rows = (st.mode == MODE_AT_MOST) & steer
+        stop_rows |= (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
+        cand = _with_stop_candidate(cand, probs_of, st.stop_ids, stop_rows)
+    return cand
+
+
+def _with_stop_candidate(cand: Candidates, probs_of, stop_ids: torch.Tensor,
+                         rows: torch.Tensor) -> Candidates:
+    """Append each row's most likely stop token as one more candidate where `rows`.
+
+    Those are at_most rows (at the last token of the budget only a stop token is admissible,
+    and it must be there even when truncation dropped it) and equal rows past their stop
+    length (with no budget left the stop token, predicted 0, is the closest candidate). It is
+    invalid where a stop token is already a candidate, or where every stop token has
+    probability 0 (banned by logit_bias or a grammar): then the row cannot stop here, and the
+    output ends at its max_new_tokens (which admission caps at the target for at_most).
+    """
+    ids = stop_ids.clamp_min(0)  # [B, S]
+    prob = torch.where(stop_ids >= 0, probs_of(ids), torch.full_like(ids, -1.0,
+                                                                     dtype=torch.float32))
+    best = prob.argmax(dim=1, keepdim=True)
+    stop_id, stop_prob = ids.gather(1, best).view(-1), prob.gather(1, best).view(-1)
+    is_stop = ((cand.ids.unsqueeze(-1) == stop_ids.unsqueeze(1)) & (stop_ids.unsqueeze(1) >= 0)
+               ).any(-1)
+    present = (is_stop & cand.valid).any(1)
+    ok = rows & ~present & (stop_prob > 0)
+    return Candidates(ids=torch.cat([cand.ids, stop_id.view(-1, 1)], dim=1),
+                      base_prob=torch.cat([cand.base_prob, stop_prob.clamp_min(0).view(-1, 1)],
+                                          dim=1),
+                      valid=torch.cat([cand.valid, ok.view(-1, 1)], dim=1))
 
 
 def _drop_unused_slots(cand: Candidates) -> Candidates:
@@ -165,21 +235,23 @@ def _drop_unused_slots(cand: Candidates) -> Candidates:
                       valid=cand.valid[:, :used])
 
 
-def _candidates(worker, row_logits, temps, st, sampling_info, rows, K):
-    """Candidates of the steering rows, and a lookup of any token's base probability."""
-    args = (row_logits, temps, st.top_k, sampling_info.top_ps[rows], sampling_info.min_ps[rows], K)
+def _candidates(worker, row_logits, temps, st, sampling_info, index, K):
+    """Candidates of the steering rows, and a lookup of any tokens' base probability
+    (ids [B, S] -> probabilities [B, S])."""
+    args = (row_logits, temps, st.top_k, sampling_info.top_ps[index],
+            sampling_info.min_ps[index], K)
     if worker.use_kernels:
         from sglang_lenvm.kernels.candidates import select_candidates_triton
 
         cand, lse = select_candidates_triton(*args, return_lse=True)
         return cand, lambda ids: torch.exp(
-            row_logits.gather(1, ids.view(-1, 1)).view(-1) / temps - lse)
+            row_logits.gather(1, ids) / temps.view(-1, 1) - lse.view(-1, 1))
     cand = select_candidates(*args)
-    return cand, lambda ids: torch.softmax(row_logits / temps.view(-1, 1), dim=-1).gather(
-        1, ids.view(-1, 1)).view(-1)
+    return cand, lambda ids: torch.softmax(row_logits / temps.view(-1, 1), dim=-1).gather(1, ids)
 
 
-def _values_and_decision(worker, tokens, positions, meta, cand, st, generated) -> HeadDecision:
+def _values_and_decision(worker, tokens, positions, meta, cand, st, generated,
+                         rids) -> HeadDecision:
     """One LenVM star forward, the value head and the decision (fused Triton on GPU)."""
     kw = dict(has_root=meta.has_root, mode=st.mode, target=st.target, generated=generated,
               beta=st.beta, greedy=st.greedy, gamma=worker.gamma,
@@ -188,32 +260,34 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated) -
         from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 
         head = worker.model.v_head
+        hidden = worker.star_hidden(tokens, positions, meta)
+        faults.inject("decision", rids)
         return value_head_decision_triton(
-            worker.star_hidden(tokens, positions, meta), head.fc.weight, head.fc.bias,
-            head.summary.weight, head.summary.bias, ids=cand.ids, base_prob=cand.base_prob,
-            valid=cand.valid, stop_ids=st.stop_ids, **kw)
+            hidden, head.fc.weight, head.fc.bias, head.summary.weight, head.summary.bias,
+            ids=cand.ids, base_prob=cand.base_prob, valid=cand.valid, stop_ids=st.stop_ids, **kw)
     p_all = torch.sigmoid(worker.star(tokens, positions, meta))
+    faults.inject("decision", rids)
     return decide_from_values(p_all, cand, st.stop_ids, **kw)
 
 
-def _equal_stop_near(state: LengthState, forward_batch, active_rows) -> bool:
+def _equal_stop_near(state: LengthState, forward_batch, rows) -> bool:
     """Could an equal row reach its stop length this step? From host copies: no device sync.
 
     One token of slack, in case the host's seq_lens lags the device's (overlap scheduling).
     """
-    stop_at = state.equal_stop_seq_len_cpu[active_rows]
+    stop_at = state.equal_stop_seq_len_cpu[rows]
     seq_lens_cpu = forward_batch.seq_lens_cpu
     if seq_lens_cpu is None:
         return bool((stop_at < NEVER).any())
-    return bool((seq_lens_cpu[active_rows].to(torch.int64) + 1 >= stop_at).any())
+    return bool((seq_lens_cpu[rows].to(torch.int64) + 1 >= stop_at).any())
 
 
-def _host_max(forward_batch, active_rows, R: int) -> int:
+def _host_max(forward_batch, rows, R: int) -> int:
     """Largest KV prefix among the rows, from the host copy of seq_lens (no device sync)."""
     seq_lens_cpu = forward_batch.seq_lens_cpu
     if seq_lens_cpu is None:
         return int(forward_batch.seq_lens.max()) - R
-    return int(seq_lens_cpu[active_rows].max()) - R
+    return int(seq_lens_cpu[rows].max()) - R
 
 
 def _neutralize_truncation(sampling_info, rows: torch.Tensor, mask: torch.Tensor) -> None:

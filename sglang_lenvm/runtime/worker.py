@@ -15,11 +15,12 @@ Two kinds of LenVM forward, both run here:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -61,6 +62,10 @@ class LenVMWorker:
         )
         self.model = self.runner.model
         self.device = target.device
+        # Token ids at or past the LenVM's embedding (a base model's padding rows beyond its
+        # tokenizer; start-up refuses a LenVM smaller than the tokenizer) are never candidates.
+        lenvm_vocab = self.model_config.vocab_size
+        self.candidate_vocab = lenvm_vocab if lenvm_vocab < target.model_config.vocab_size else None
         # Triton kernels on GPU; plain torch on CPU (the same math, see tests/test_kernel_*).
         # SGLANG_LENVM_KERNELS=triton forces the kernels, e.g. on CPU under TRITON_INTERPRET=1
         # to test the wiring end to end; =torch forces the torch path.
@@ -117,16 +122,15 @@ class LenVMWorker:
     # ---- forwards ----
 
     @torch.no_grad()
-    def mirror_extend(self, forward_batch) -> torch.Tensor:
-        """Run the base model's prefill batch through the LenVM into the same KV slots.
+    def mirror_extend(self, forward_batch, rows: Optional[List[int]] = None) -> torch.Tensor:
+        """Run some rows of the base model's prefill batch through the LenVM, into the same KV
+        slots (all rows when `rows` is None).
 
-        Returns the raw value z at each request's last new token ([batch_size], float32).
+        Returns the raw value z at each mirrored row's last new token ([len(rows)], float32).
         """
-        import copy
-
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-        fb = copy.copy(forward_batch)
+        fb = extend_rows(forward_batch, rows)
         backend = self.runner.attn_backend
         with forward_context(ForwardContext(attn_backend=backend), forward_batch=fb):
             backend.init_forward_metadata(fb)
@@ -171,3 +175,58 @@ class LenVMWorker:
         self.stats["star_rows"] += B
         self.stats["candidates_scored"] += B * (T - int(meta.has_root))
         return hidden
+
+
+# ForwardBatch fields with one entry per request, and per token, that a row subset indexes.
+_PER_ROW = ("req_pool_indices", "seq_lens", "orig_seq_lens", "extend_prefix_lens",
+            "extend_seq_lens", "encoder_lens", "seq_lens_cpu", "req_pool_indices_cpu",
+            "extend_prefix_lens_cpu", "extend_seq_lens_cpu", "extend_logprob_start_lens_cpu",
+            "rids", "lora_ids", "mm_inputs", "top_logprobs_nums", "token_ids_logprobs",
+            "encoder_lens_cpu", "encoder_cached", "multi_item_delimiter_indices",
+            "token_indices_to_pool")
+_PER_TOKEN = ("input_ids", "positions", "out_cache_loc", "input_embeds")
+
+
+def extend_rows(fb, rows: Optional[List[int]]):
+    """An EXTEND ForwardBatch restricted to some rows: same slots, same positions.
+
+    A shallow copy with the per-request and per-token fields indexed and the sums recomputed;
+    the attention backend then plans for these rows alone. The base model's KV location plan
+    is dropped: the LenVM's pool is its own and indexes the slot ids as they are.
+    """
+    fb = copy.copy(fb)
+    n = fb.batch_size
+    if rows is None or list(rows) == list(range(n)):
+        return fb
+    seq = list(fb.extend_seq_lens_cpu)
+    starts = [0]
+    for k in seq:
+        starts.append(starts[-1] + k)
+    token_idx = [t for i in rows for t in range(starts[i], starts[i] + seq[i])]
+    device = fb.input_ids.device
+    tok = torch.tensor(token_idx, dtype=torch.int64).to(device, non_blocking=True)
+    row_t = torch.tensor(rows, dtype=torch.int64)
+    for name in _PER_ROW:
+        value = getattr(fb, name, None)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            setattr(fb, name, value[row_t.to(value.device, non_blocking=True)])
+        else:
+            setattr(fb, name, [value[i] for i in rows])
+    for name in _PER_TOKEN:
+        value = getattr(fb, name, None)
+        if isinstance(value, torch.Tensor):
+            setattr(fb, name, value[tok.to(value.device, non_blocking=True)])
+    sub_seq = [seq[i] for i in rows]
+    fb.batch_size = len(rows)
+    fb.extend_num_tokens = sum(sub_seq)
+    dtype = fb.extend_start_loc.dtype if fb.extend_start_loc is not None else torch.int64
+    fb.extend_start_loc = torch.tensor([0] + sub_seq[:-1], dtype=torch.int64).cumsum(0).to(
+        device=device, dtype=dtype, non_blocking=True)
+    if fb.seq_lens_cpu is not None:
+        fb.seq_lens_sum = int(fb.seq_lens_cpu.sum())
+    for name in ("kv_loc_plan", "kv_loc_cols", "out_cache_loc_virtual"):
+        if hasattr(fb, name):
+            setattr(fb, name, None)
+    return fb
