@@ -45,9 +45,12 @@ def prepare(obj, context_len: Optional[int]) -> None:
 def _around_generate_request(orig, tm, obj, *args, **kwargs):
     from sglang.srt.managers.io_struct import GenerateReqInput
 
+    from sglang_lenvm import responses
+
     if isinstance(obj, GenerateReqInput) and not api.passed_front_door.get():
         prepare(obj, getattr(getattr(tm, "model_config", None), "context_len", None))
-    return orig(tm, obj, *args, **kwargs)
+    # One hook per target: the stream collector of responses.py rides on this one.
+    return responses.around_generate_request(orig, tm, obj, *args, **kwargs)
 
 
 HOOKS = [(f"{TOKENIZER_MANAGER}.generate_request", _around_generate_request, HookType.AROUND)]

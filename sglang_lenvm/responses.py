@@ -127,7 +127,8 @@ def _length_chunk(request, index, params, metas, incremental) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _around_generate_request(orig, self, obj, *args, **kwargs):
+def around_generate_request(orig, self, obj, *args, **kwargs):
+    """Collect meta_info for a stream wrapper (called by engine_api's generate_request hook)."""
     collected = _collector.get()
     if collected is None:
         return orig(self, obj, *args, **kwargs)
@@ -151,6 +152,4 @@ HOOKS = [
     (f"{COMPLETION}._build_completion_response", _around_build, HookType.AROUND),
     (f"{CHAT}._generate_chat_stream", _around_stream, HookType.AROUND),
     (f"{COMPLETION}._generate_completion_stream", _around_stream, HookType.AROUND),
-    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
-     _around_generate_request, HookType.AROUND),
 ]

@@ -185,3 +185,32 @@ def test_at_most_does_not_end_at_once_when_only_stop_fits():
     assert at_most(15).tolist() == [[0, 1, 0, 0]]  # r = 0
     # Without the stop mask (the old rule) the output would end here.
     assert run(c, p, MODE_AT_MOST, 16, 0).tolist() == [[0, 1, 0, 0]]
+
+
+def test_stop_mask_holds_for_a_stop_id_of_zero():
+    """-1 padding must not write token 0's own logit back over its -inf (stop id 0)."""
+    for _ in range(20):  # scatter order is unspecified: repeat
+        logits = torch.randn(3, 50)
+        stop_ids = torch.tensor([[0, -1, -1, -1], [-1, -1, -1, 0], [0, 7, -1, -1]])
+        mask_stop_tokens(logits, stop_ids, torch.tensor([True, True, False]))
+        assert math.isinf(logits[0, 0]) and math.isinf(logits[1, 0])
+        assert math.isfinite(logits[2, 0]) and math.isfinite(logits[2, 7])
+
+
+def test_forced_stop_candidate_is_the_rows_most_likely_stop_token():
+    from sglang_lenvm.runtime.scorer import _with_stop_candidate
+
+    probs = torch.zeros(2, 20)
+    probs[0, 3], probs[0, 5] = 0.01, 0.2  # row 0: stop ids 3 and 5, 5 is more likely
+    probs[1, 3], probs[1, 5] = 0.3, 0.0  # row 1: 3 is more likely, 5 is banned
+    c = cand([[0.5, 0.2], [0.5, 0.2]])
+    stop_ids = torch.tensor([[3, 5], [3, 5]])
+    out = _with_stop_candidate(c, lambda ids: probs.gather(1, ids), stop_ids,
+                               torch.tensor([True, True]))
+    assert out.ids[:, -1].tolist() == [5, 3]
+    assert out.base_prob[:, -1].tolist() == pytest.approx([0.2, 0.3])
+    assert out.valid[:, -1].tolist() == [True, True]
+    # every stop token banned (probability 0): the slot is not valid, nothing is forced
+    none = _with_stop_candidate(c, lambda ids: torch.zeros(ids.shape), stop_ids,
+                                torch.tensor([True, True]))
+    assert none.valid[:, -1].tolist() == [False, False]

@@ -1,16 +1,35 @@
-"""Start-up fails fast with a clear message on checkpoints and settings we cannot serve."""
+"""Start-up fails fast with a clear message on checkpoints and settings we cannot serve.
 
-import subprocess
-import sys
+Each case runs the launcher's `main` in this process: every refusal happens before it starts
+any SGLang process (the launcher exits with the message).
+"""
+
+import os
+import types
 
 import pytest
 
 from sglang_lenvm import tiny_models as tm
 
 
-def launch(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "sglang_lenvm.launch_server", *args],
-                          capture_output=True, text=True, timeout=timeout)
+def launch(*args, capsys=None):
+    """launch_server.main(args) -> its exit code and message (stderr), without serving."""
+    import sglang_lenvm.launch_server as ls
+
+    env = dict(os.environ)
+    code, message = 0, ""
+    try:
+        ls.main(list(args))
+    except SystemExit as e:
+        code, message = (1, e.code) if isinstance(e.code, str) else (e.code, "")
+    else:
+        raise AssertionError("the launcher did not refuse")
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    if capsys is not None:
+        message += capsys.readouterr().err
+    return types.SimpleNamespace(returncode=code, stderr=message)
 
 
 def test_lenvm_without_head_is_refused(models, tmp_path):
@@ -26,7 +45,7 @@ def test_mismatched_tokenizer_is_refused(models):
     assert "does not share the base model's tokenizer" in r.stderr
 
 
-def test_bad_flags_are_refused(models):
+def test_bad_flags_are_refused(models, capsys):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                "--lenvm-gamma", "1.5")
     assert r.returncode != 0 and "--lenvm-gamma must be in (0, 1)" in r.stderr
@@ -34,7 +53,7 @@ def test_bad_flags_are_refused(models):
                "--lenvm-top-k", "0")
     assert r.returncode != 0 and "--lenvm-top-k" in r.stderr
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
-               "--lenvm-equal-distance", "log")
+               "--lenvm-equal-distance", "log", capsys=capsys)
     assert r.returncode != 0 and "--lenvm-equal-distance: invalid choice: 'log'" in r.stderr
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                "--lenvm-equal-max-overshoot", "nan")
@@ -46,3 +65,55 @@ def test_unsupported_server_option_is_refused(models):
                "--enable-mixed-chunk", "--port", "31999")
     assert r.returncode != 0
     assert "sglang-lenvm does not support: --enable-mixed-chunk" in r.stderr
+
+
+def copy_with_config(src, dst, **changes):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_quantized_kv_cache_is_refused(models):
+    r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
+               "--kv-cache-dtype", "fp8_e4m3", "--port", "31999")
+    assert r.returncode != 0
+    assert "does not support: --kv-cache-dtype fp8_e4m3" in r.stderr
+
+
+def test_hybrid_sliding_window_base_is_refused(models, tmp_path):
+    base = copy_with_config(models / "base", tmp_path / "swa", is_hybrid_swa=True,
+                            sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    r = launch("--model-path", str(base), "--lenvm-path", str(models / "lenvm"), "--port", "31999")
+    assert r.returncode != 0 and "a hybrid sliding-window base model" in r.stderr, r.stderr[-2000:]
+
+
+def test_hybrid_linear_attention_base_is_refused(models, tmp_path):
+    from transformers import Qwen3NextConfig
+
+    cfg = Qwen3NextConfig(
+        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=2,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=2,
+        num_experts_per_tok=1, layer_types=["linear_attention", "full_attention"]).to_dict()
+    cfg["architectures"] = ["Qwen3NextForCausalLM"]
+    base = copy_with_config(models / "base", tmp_path / "next")
+    import json
+    (base / "config.json").write_text(json.dumps(cfg))
+    r = launch("--model-path", str(base), "--lenvm-path", str(models / "lenvm"), "--port", "31999")
+    assert r.returncode != 0 and "linear-attention / Mamba base model" in r.stderr, r.stderr[-2000:]
+
+
+def test_lenvm_smaller_than_the_tokenizer_is_refused(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(str(models / "tok")))
+    lenvm = copy_with_config(models / "lenvm", tmp_path / "small", vocab_size=n - 10)
+    r = launch("--model-path", str(models / "base"), "--lenvm-path", str(lenvm), "--port", "31999")
+    assert r.returncode != 0
+    assert f"a LenVM whose embedding has {n - 10} rows, fewer than the {n} tokens" in r.stderr

@@ -50,11 +50,7 @@ def model_problems(base_model_config, lenvm_vocab: Optional[int],
     if getattr(base_model_config, "is_hybrid_swa", False):
         problems.append("a hybrid sliding-window base model (its sliding-window KV lives in a "
                         "second pool the LenVM cannot mirror)")
-    try:
-        linear = base_model_config.linear_attn_registry_result
-    except Exception:  # noqa: BLE001 - a config SGLang's registry cannot read is not linear
-        linear = None
-    if linear is not None:
+    if _mambaish(base_model_config):
         problems.append("a hybrid linear-attention / Mamba base model (its recurrent state is "
                         "not a KV cache the LenVM can mirror)")
     if lenvm_vocab is not None and tokenizer_size is not None and lenvm_vocab < tokenizer_size:
@@ -83,3 +79,13 @@ def check_runtime(scheduler, lenvm_model_config) -> None:
         problems.append("a hybrid state-space (Mamba) pool")
     if problems:
         raise ValueError("sglang-lenvm does not support: " + "; ".join(problems))
+
+
+def _mambaish(model_config) -> bool:
+    """A hybrid base whose layers keep recurrent state (Mamba, GDN, KDA, linear attention)."""
+    from sglang.srt.configs.hybrid_arch import mambaish_config
+
+    try:
+        return mambaish_config(model_config) is not None
+    except Exception:  # noqa: BLE001 - a config SGLang's helpers cannot read is not hybrid
+        return False

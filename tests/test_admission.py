@@ -1,0 +1,113 @@
+"""The scheduler's own admission of requests (a second check behind the front door) and the
+private wire form's strict validation."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_lenvm.runtime.admission import admit
+from sglang_lenvm.schema import PARAMS_KEY, LengthParams, RequestError
+
+
+class FakeReq:
+    def __init__(self, raw=None, extra_key=None, max_new_tokens=100, min_new_tokens=0,
+                 custom_logit_processor=None, rid="r1"):
+        cp = {PARAMS_KEY: raw} if raw is not None else {}
+        self.sampling_params = SimpleNamespace(custom_params=cp, max_new_tokens=max_new_tokens,
+                                               min_new_tokens=min_new_tokens, beam_width=None)
+        self.extra_key = extra_key
+        self.custom_logit_processor = custom_logit_processor
+        self.rid = rid
+        self.aborted = None
+        self.skip_radix_cache_insert = False
+
+    def set_finish_with_abort(self, message, status_code=400, err_type="BadRequestError"):
+        self.aborted = (message, int(status_code))
+
+
+def run(**kw):
+    req = FakeReq(**kw)
+    admit(req, max_top_k=64, context_len=4096)
+    return req
+
+
+@pytest.mark.parametrize("raw,param", [
+    ({"bogus": 1}, "custom_params.__lenvm.bogus"),
+    ({"mode": "equal", "target": None}, "custom_params.__lenvm.mode"),
+    ({"mode": "equal"}, "custom_params.__lenvm.mode"),
+    ({"target": 5, "mode": "around"}, "custom_params.__lenvm.mode"),
+    ({"target": 0, "mode": "equal"}, "custom_params.__lenvm.target"),
+    ({"target": 10**9, "mode": "equal"}, "custom_params.__lenvm.target"),
+    ({"target": 5.5, "mode": "equal"}, "custom_params.__lenvm.target"),
+    ({"beta": float("nan")}, "custom_params.__lenvm.beta"),
+    ({"beta": "x"}, "custom_params.__lenvm.beta"),
+    ({"target": 5, "mode": "equal", "beta": 1.0}, "custom_params.__lenvm.beta"),
+    ({"return_values": "yes"}, "custom_params.__lenvm.return_values"),
+    ({"beta": 1.0, "top_k": 1000}, "custom_params.__lenvm.top_k"),
+    ({"target": 5, "mode": "at_most", "budget": -1}, "custom_params.__lenvm.budget"),
+    ("not a dict", "custom_params.__lenvm"),
+])
+def test_malformed_private_params_end_that_request_with_an_error(raw, param):
+    with pytest.raises(RequestError) as e:
+        LengthParams.from_wire(raw, max_top_k=64, context_len=4096)
+    assert e.value.param == param
+    req = run(raw=raw, extra_key="lenvm")
+    assert req.aborted is not None and req.aborted[1] == 400
+    assert req.lenvm_params is None and PARAMS_KEY not in req.sampling_params.custom_params
+    assert req.skip_radix_cache_insert and req.extra_key == "user:lenvm"
+
+
+def test_admission_applies_budgets_and_the_namespace():
+    req = run(raw={"target": 8, "mode": "at_most"}, max_new_tokens=64, extra_key="tenant")
+    assert req.aborted is None and req.sampling_params.max_new_tokens == 8
+    assert req.extra_key == "lenvm|tenant" and req.lenvm_params.target == 8
+    req = run(raw={"target": 30, "mode": "at_least", "budget_open": True}, max_new_tokens=16)
+    assert req.sampling_params.max_new_tokens is None  # what the context leaves
+    assert req.sampling_params.min_new_tokens == 29  # no stop token before the 30th
+    req = run(raw={"target": 8, "mode": "equal", "budget": 10}, max_new_tokens=128)
+    assert req.sampling_params.max_new_tokens == 10 and req.extra_key == "lenvm"
+    req = run(raw={"target": 50, "mode": "equal"}, max_new_tokens=20)  # a limit below T
+    assert req.aborted is not None and "max_new_tokens" in req.aborted[0]
+    req = run(raw={"target": 5, "mode": "at_most"}, custom_logit_processor="x")
+    assert req.aborted is not None and "custom_logit_processor" in req.aborted[0]
+
+
+def test_requests_without_the_lenvm_never_enter_its_namespace():
+    req = run(extra_key="lenvm|x")
+    assert req.lenvm_params is None and req.extra_key == "user:lenvm|x" and req.aborted is None
+    req = run(extra_key="tenant")
+    assert req.extra_key == "tenant"
+    req = run(raw={"beta": 0.0}, extra_key="lenvm")  # valid, but uses nothing
+    assert req.lenvm_params is None and req.extra_key == "user:lenvm"
+
+
+def test_a_bug_in_admission_costs_one_request_a_500(monkeypatch):
+    import sglang_lenvm.runtime.admission as adm
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(adm.LengthParams, "from_wire", boom)
+    req = run(raw={"target": 5, "mode": "at_most"})
+    assert req.aborted is not None and req.aborted[1] == 500 and "boom" in req.aborted[0]
+
+
+def test_every_hook_target_resolves_in_the_pinned_sglang():
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sglang_lenvm.config import LenVMConfig
+    from sglang_lenvm.runtime import hooks
+
+    hooks.install(LenVMConfig(lenvm_path="/x"))
+    HookRegistry.apply_hooks()
+    assert hooks.missing_hooks() == []
+    # a hook on a target that does not exist is reported by name
+    bad = ("sglang.srt.managers.scheduler.Scheduler.no_such_method", lambda *a: None,
+           HookType.AFTER)
+    hooks._installed.append(bad)
+    try:
+        assert hooks.missing_hooks() == [bad[0]]
+        with pytest.raises(RuntimeError, match="no_such_method"):
+            hooks.verify_installed()
+    finally:
+        hooks._installed.remove(bad)

@@ -1,0 +1,193 @@
+"""The length contract on every route SGLang serves: the public fields work or get a 400
+naming them; the private key gets a 400 everywhere; budgets follow the target."""
+
+import math
+import uuid
+
+import pytest
+import requests
+
+MSG = [{"role": "user", "content": "Tell me about the sea"}]
+PRIVATE = {"custom_params": {"__lenvm": {"mode": "equal", "target": None}}}
+T = 5  # at_most target; with ignore_eos every guided route must give exactly T tokens
+
+
+def completion_tokens(path, body):
+    if path in ("/v1/chat/completions", "/v1/completions", "/invocations"):
+        assert "length_control" in body["choices"][0], body
+        return body["usage"]["completion_tokens"]
+    if path == "/vertex_generate":
+        pred = body["predictions"]
+        return (pred[0] if isinstance(pred, list) else pred)["meta_info"]["completion_tokens"]
+    return body["meta_info"]["completion_tokens"]
+
+
+# (method, path, request body with the public fields, the same request with the private key)
+CP = PRIVATE["custom_params"]
+GUIDED = [
+    ("POST", "/v1/chat/completions",
+     {"model": "m", "messages": MSG, "max_tokens": 40, "ignore_eos": True,
+      "length_target": T, "length_mode": "at_most"},
+     {"model": "m", "messages": MSG, "max_tokens": 4, **PRIVATE}),
+    ("POST", "/v1/completions",
+     {"model": "m", "prompt": "The sea", "max_tokens": 40, "ignore_eos": True,
+      "length_target": T, "length_mode": "at_most"},
+     {"model": "m", "prompt": "The sea", "max_tokens": 4, **PRIVATE}),
+    ("POST", "/invocations",
+     {"model": "m", "messages": MSG, "max_tokens": 40, "ignore_eos": True,
+      "length_target": T, "length_mode": "at_most"},
+     {"model": "m", "messages": MSG, "max_tokens": 4, **PRIVATE}),
+    ("POST", "/generate",
+     {"text": "The sea", "sampling_params": {"max_new_tokens": 40, "ignore_eos": True,
+                                             "length_target": T, "length_mode": "at_most"}},
+     {"text": "The sea", "sampling_params": {"max_new_tokens": 4, "custom_params": CP}}),
+    ("PUT", "/generate",
+     {"text": "The sea", "length_target": T, "length_mode": "at_most",
+      "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}},
+     {"text": "The sea", "sampling_params": {"max_new_tokens": 4, "custom_params": CP}}),
+    ("POST", "/vertex_generate",
+     {"instances": [{"text": "The sea"}],
+      "parameters": {"sampling_params": {"max_new_tokens": 40, "ignore_eos": True,
+                                         "length_target": T, "length_mode": "at_most"}}},
+     {"instances": [{"text": "The sea"}],
+      "parameters": {"sampling_params": {"max_new_tokens": 4, "custom_params": CP}}}),
+]
+
+REFUSED = [
+    ("POST", "/v1/responses", {"model": "m", "input": "hi"}),
+    ("POST", "/v1/messages", {"model": "m", "max_tokens": 8, "messages": MSG}),
+    ("POST", "/api/chat", {"model": "m", "messages": MSG}),
+    ("POST", "/api/generate", {"model": "m", "prompt": "hi"}),
+    ("POST", "/v1/embeddings", {"model": "m", "input": "hi"}),
+    ("POST", "/v1/score", {"model": "m", "query": "a", "items": ["b"]}),
+    ("POST", "/v1/rerank", {"query": "a", "documents": ["b"]}),
+    ("POST", "/encode", {"text": "hi"}),
+    ("POST", "/classify", {"text": "hi"}),
+    ("POST", "/v1/tokenize", {"model": "m", "prompt": "hi"}),
+]
+
+
+def send(server, method, path, body):
+    return requests.request(method, server.url + path, json=body, timeout=120)
+
+
+@pytest.mark.parametrize("method,path,body,private", GUIDED, ids=[f"{m} {p}" for m, p, *_ in GUIDED])
+def test_guided_routes_follow_the_target(server, method, path, body, private):
+    r = send(server, method, path, body)
+    assert r.status_code == 200, r.text
+    assert completion_tokens(path, r.json()) == T
+
+
+@pytest.mark.parametrize("method,path,body,private", GUIDED, ids=[f"{m} {p}" for m, p, *_ in GUIDED])
+def test_guided_routes_refuse_the_private_key(server, method, path, body, private):
+    r = send(server, method, path, private)
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == "custom_params.__lenvm"
+
+
+@pytest.mark.parametrize("method,path,body", REFUSED, ids=[p for _, p, _ in REFUSED])
+def test_other_routes_refuse_length_fields_and_the_private_key(server, method, path, body):
+    r = send(server, method, path, {**body, "length_target": 5})
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == "length_target" and "/v1/chat/completions" in r.json()["message"]
+    r = send(server, method, path, {**body, **PRIVATE})
+    assert r.status_code == 400 and r.json()["param"] == "custom_params.__lenvm", r.text
+
+
+def test_form_fields_are_refused(server):
+    r = requests.post(server.url + "/v1/audio/transcriptions",
+                      files={"file": ("a.wav", b"RIFF")}, data={"length_target": "5"}, timeout=60)
+    assert r.status_code == 400 and r.json()["param"] == "length_target", r.text
+
+
+def chat(server, **fields):
+    r = server.post("/v1/chat/completions", {"model": "m", "messages": MSG, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_budget_comes_from_the_target(server, models):
+    # /v1/completions' own default is 16 tokens: a target of 40 is not cut there
+    r = server.post("/v1/completions", {"model": "m", "prompt": f"The sea {uuid.uuid4().hex}",
+                                         "length_target": 40, "length_mode": "at_least"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 40
+    # equal ends by ceil(1.25 T) (the overshoot limit) even when nothing stops it
+    out = chat(server, length_target=8, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] <= math.ceil(1.25 * 8)
+    # at_most without a limit: T; /generate's own default (128) does not apply
+    g = server.post("/generate", {"text": "x", "sampling_params": {
+        "length_target": 7, "length_mode": "at_most", "ignore_eos": True}}).json()
+    assert g["meta_info"]["completion_tokens"] == 7
+
+
+@pytest.mark.parametrize("extra", [
+    {"max_completion_tokens": 64, "ignore_eos": True},
+    {"max_completion_tokens": 64, "max_tokens": 50, "ignore_eos": True},
+    {"max_tokens": 64, "logit_bias": {"2": -100}},  # EOS (<|im_end|>, id 2) banned
+    {"max_tokens": 64, "ignore_eos": True, "stop": ["zzzz"]},
+    {"max_tokens": 64, "ignore_eos": True, "regex": "[a-z ]{3,80}"},
+], ids=["max_completion_tokens", "both_limits", "banned_eos", "stop_string", "regex"])
+def test_at_most_never_exceeds_the_target(server, extra):
+    out = chat(server, length_target=T, length_mode="at_most", **extra)
+    assert out["usage"]["completion_tokens"] <= T
+
+
+def test_max_completion_tokens_is_checked_like_max_tokens(server):
+    r = server.post("/v1/chat/completions", {"model": "m", "messages": MSG, "length_target": 30,
+                                              "max_completion_tokens": 10})
+    assert r.status_code == 400 and r.json()["param"] == "max_completion_tokens", r.text
+
+
+def test_padding_ids_past_the_lenvm_are_never_candidates(server, models):
+    """The base model pads its vocabulary past the tokenizer (and the LenVM's embedding):
+    pushing a padding id to the top makes an unguided request emit it, while a guided one,
+    whose candidates the LenVM must score, never does (and nothing crashes)."""
+    import json
+
+    vocab = json.loads((models / "lenvm" / "config.json").read_text())["vocab_size"]
+    pad = vocab + 3
+    bias = {str(pad): 50.0}
+    plain = server.post("/generate", {"text": "a", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0, "logit_bias": bias}}).json()
+    assert pad in plain["output_ids"]
+    guided = server.post("/generate", {"text": "a", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0, "logit_bias": bias, "length_target": 6,
+        "length_mode": "at_most"}})
+    assert guided.status_code == 200, guided.text
+    assert all(t < vocab for t in guided.json()["output_ids"])
+
+
+def lenvm_stats(server):
+    return server.get("/lenvm/stats").json()[0]
+
+
+def test_unguided_requests_cost_the_lenvm_nothing_in_a_mixed_batch(server):
+    """One prefill batch: a guided prompt and a longer unguided one. The LenVM mirrors the
+    guided prompt's tokens only."""
+    tag = uuid.uuid4().hex
+    guided_text, plain_text = f"Guided {tag}", f"Plain {tag} " + "word " * 60
+    before = lenvm_stats(server)
+    r = server.post("/generate", {"text": [guided_text, plain_text], "sampling_params": [
+        {"max_new_tokens": 3, "length_target": 3, "length_mode": "at_most"},
+        {"max_new_tokens": 3}]})
+    assert r.status_code == 200, r.text
+    guided, plain = r.json()
+    after = lenvm_stats(server)
+    assert guided["meta_info"]["cached_tokens"] == 0
+    assert plain["meta_info"]["prompt_tokens"] > guided["meta_info"]["prompt_tokens"]
+    mirrored = after["mirror_extend_tokens"] - before["mirror_extend_tokens"]
+    assert mirrored == guided["meta_info"]["prompt_tokens"], (mirrored, guided, plain)
+
+
+def test_intermediate_prefill_chunks_are_not_scored(server):
+    """The server prefills in chunks of 64 tokens; a ~300-token guided prompt that samples one
+    token runs one star forward (its last chunk), not one per chunk."""
+    text = f"{uuid.uuid4().hex} " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(40))
+    before = lenvm_stats(server)
+    r = server.post("/generate", {"text": text, "sampling_params": {
+        "max_new_tokens": 1, "length_target": 1, "length_mode": "at_most"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["prompt_tokens"] > 4 * 64
+    after = lenvm_stats(server)
+    assert after["star_forwards"] - before["star_forwards"] == 1
