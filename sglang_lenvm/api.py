@@ -49,20 +49,21 @@ def _vertex_route() -> str:
     return os.environ.get("AIP_PREDICT_ROUTE", "/vertex_generate")
 
 
-def find_private_key(node, path: str = "") -> Optional[str]:
-    """Where a body carries custom_params.__lenvm (any depth), or None."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "custom_params" and isinstance(value, dict) and PARAMS_KEY in value:
-                return f"{path}{key}.{PARAMS_KEY}"
-            found = find_private_key(value, f"{path}{key}.")
-            if found:
-                return found
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found = find_private_key(value, f"{path}{i}.")
-            if found:
-                return found
+def find_private_key(body) -> Optional[str]:
+    """Where a body carries custom_params.__lenvm (at any depth), or None. Iterative: a
+    hostile body may nest deeper than Python's recursion limit."""
+    stack = [(body, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "custom_params" and isinstance(value, dict) and PARAMS_KEY in value:
+                    return f"{path}{key}.{PARAMS_KEY}"
+                if isinstance(value, (dict, list)):
+                    stack.append((value, f"{path}{key}."))
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}{i}.") for i, v in enumerate(node)
+                         if isinstance(v, (dict, list)))
     return None
 
 
@@ -121,8 +122,10 @@ def _is_beam(width) -> bool:
     return isinstance(width, (int, float)) and not isinstance(width, bool) and width > 1
 
 
-def _rewrite_generate(body: dict) -> None:
+def _rewrite_generate(body: dict) -> bool:
     """/generate (and Vertex's parameters): top-level fields or per-request sampling_params."""
+    if not any(f in body for f in FIELDS) and not _has_fields(body.get("sampling_params")):
+        return False
     sp = body.get("sampling_params")
     if isinstance(sp, list):  # a batch: one sampling_params per prompt; top-level fields shared
         for item in sp:
@@ -130,36 +133,45 @@ def _rewrite_generate(body: dict) -> None:
                 rewrite_sampling(body, item, limit_fields=("max_new_tokens",), shared=True)
         for f in FIELDS:
             body.pop(f, None)
-        return
-    if sp is None and any(f in body for f in FIELDS):
+        return True
+    if sp is None:
         sp = body["sampling_params"] = {}
     if isinstance(sp, dict):
         rewrite_sampling(body, sp, limit_fields=("max_new_tokens",))
+    return True
 
 
-def rewrite_body(method: str, path: str, body: dict) -> dict:
-    """Validate and rewrite one JSON body (raises RequestError)."""
+def _has_fields(sp) -> bool:
+    items = sp if isinstance(sp, list) else [sp]
+    return any(isinstance(i, dict) and any(f in i for f in FIELDS) for i in items)
+
+
+def rewrite_body(method: str, path: str, body: dict) -> bool:
+    """Validate one JSON body and move its length fields (raises RequestError); True if the
+    body changed."""
     where = find_private_key(body)
     if where is not None:
         raise RequestError(f"{where} is reserved for the server's own use", WIRE_NAME)
-    if method == "POST" and path in OPENAI_CHAT:
-        rewrite_sampling(body, body, limit_fields=("max_completion_tokens", "max_tokens"))
-    elif method == "POST" and path == OPENAI_COMPLETION:
-        rewrite_sampling(body, body, limit_fields=("max_tokens",))
-    elif method in ("POST", "PUT") and path == "/generate":
-        _rewrite_generate(body)
-    elif method == "POST" and path == _vertex_route():
+    if method == "POST" and path in OPENAI_CHAT + (OPENAI_COMPLETION,):
+        if not any(f in body for f in FIELDS):
+            return False
+        limits = ("max_tokens",) if path == OPENAI_COMPLETION else ("max_completion_tokens",
+                                                                   "max_tokens")
+        rewrite_sampling(body, body, limit_fields=limits)
+        return True
+    if method in ("POST", "PUT") and path == "/generate":
+        return _rewrite_generate(body)
+    if method == "POST" and path == _vertex_route():
         _refuse_fields(body, f"{path} (put them in `parameters`)")
-        if isinstance(body.get("parameters"), dict):
-            _rewrite_generate(body["parameters"])
-    else:
-        _refuse_fields(body, path)
-        for key in ("sampling_params", "parameters", "options"):
-            nested = body.get(key)
-            for item in nested if isinstance(nested, list) else [nested]:
-                if isinstance(item, dict):
-                    _refuse_fields(item, path)
-    return body
+        params = body.get("parameters")
+        return isinstance(params, dict) and _rewrite_generate(params)
+    _refuse_fields(body, path)
+    for key in ("sampling_params", "parameters", "options"):
+        nested = body.get(key)
+        for item in nested if isinstance(nested, list) else [nested]:
+            if isinstance(item, dict):
+                _refuse_fields(item, path)
+    return False
 
 
 def _refuse_fields(node: dict, where: str) -> None:
@@ -208,6 +220,8 @@ class LengthFieldsMiddleware:
         try:
             body = json.loads(raw) if raw else None
             is_json = True
+        except RecursionError:
+            return await httputil.send_error(send, "request body is nested too deeply", "body")
         except ValueError:
             body, is_json = None, False  # not JSON: SGLang answers it (400/422) ...
             content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
@@ -220,10 +234,10 @@ class LengthFieldsMiddleware:
             return await httputil.send_error(send, "request body must be a JSON object", "body")
         if isinstance(body, dict):
             try:
-                body = rewrite_body(method, path, body)
+                if rewrite_body(method, path, body):
+                    raw = json.dumps(body).encode()
             except RequestError as e:
                 return await httputil.send_error(send, str(e), e.param)
-            raw = json.dumps(body).encode()
         elif is_json and raw:
             where = find_private_key(body)
             if where is not None:

@@ -9,10 +9,13 @@ from sglang_lenvm.runtime.admission import admit
 from sglang_lenvm.schema import PARAMS_KEY, LengthParams, RequestError
 
 
+ABSENT = object()
+
+
 class FakeReq:
-    def __init__(self, raw=None, extra_key=None, max_new_tokens=100, min_new_tokens=0,
+    def __init__(self, raw=ABSENT, extra_key=None, max_new_tokens=100, min_new_tokens=0,
                  custom_logit_processor=None, rid="r1"):
-        cp = {PARAMS_KEY: raw} if raw is not None else {}
+        cp = {PARAMS_KEY: raw} if raw is not ABSENT else {}
         self.sampling_params = SimpleNamespace(custom_params=cp, max_new_tokens=max_new_tokens,
                                                min_new_tokens=min_new_tokens, beam_width=None)
         self.extra_key = extra_key
@@ -111,3 +114,34 @@ def test_every_hook_target_resolves_in_the_pinned_sglang():
             hooks.verify_installed()
     finally:
         hooks._installed.remove(bad)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+junk = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=5)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=6)
+wire = st.one_of(junk, st.fixed_dictionaries({}, optional={
+    k: st.one_of(junk, st.integers(0, 20), st.sampled_from(["equal", "at_most", "at_least"]))
+    for k in ("target", "mode", "beta", "return_values", "top_k", "greedy", "budget",
+              "budget_open")}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=wire)
+def test_admission_never_raises_on_any_private_form(raw):
+    """Whatever reaches the scheduler: a parsed request, or that request refused with 400."""
+    try:
+        params = LengthParams.from_wire(raw, max_top_k=64, context_len=4096)
+    except RequestError as e:
+        assert e.param.startswith("custom_params.__lenvm")
+        params = None
+    req = FakeReq(raw=raw)
+    admit(req, max_top_k=64, context_len=4096)
+    if params is None:
+        assert req.aborted is not None and req.aborted[1] == 400
+    else:
+        assert req.aborted is None or "max_new_tokens" in req.aborted[0]

@@ -26,7 +26,8 @@ def rewrite_body(path, body, *, lenvm_loaded=True, method="POST"):
         import sglang_lenvm.httputil as hu
         orig, hu.context_len = hu.context_len, lambda: 4096
         try:
-            return api.rewrite_body(method, path, body)
+            api.rewrite_body(method, path, body)
+            return body
         finally:
             hu.context_len = orig
     finally:

@@ -1,4 +1,4 @@
-"""Fuzz the request schema of the guided endpoints: whatever the values, never a 5xx."""
+"""Fuzz the request schema of the guided routes: whatever the values, never a 5xx."""
 
 import json
 
@@ -30,19 +30,32 @@ fields = st.fixed_dictionaries({}, optional={
 })
 
 
+ROUTES = ["/v1/chat/completions", "/v1/completions", "/invocations", "/generate",
+          "/generate (sampling_params)"]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=fields, chat=st.booleans())
-def test_no_server_errors(server, body, chat):
-    if chat:
-        path, base = "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}
-    else:
-        path, base = "/v1/completions", {"prompt": "Hi"}
+@given(body=fields, route=st.sampled_from(ROUTES))
+def test_no_server_errors(server, body, route):
     # Keep each case short: an absent or large max_tokens would decode to the context length.
     if "max_tokens" not in body or (isinstance(body["max_tokens"], int) and body["max_tokens"] > 12):
         body["max_tokens"] = 12
-    payload = json.dumps({"model": "m", **base, **body})
+    if route.startswith("/generate"):
+        path = "/generate"
+        sp = {"max_new_tokens": body.pop("max_tokens"), "stream": body.pop("stream")} \
+            if "stream" in body else {"max_new_tokens": body.pop("max_tokens")}
+        sp.pop("stream", None)
+        if route.endswith("(sampling_params)"):
+            sp.update(body)
+            body = {}
+        payload = json.dumps({"text": "Hi", "sampling_params": sp, **body})
+    else:
+        path = route
+        base = ({"prompt": "Hi"} if path == "/v1/completions" else
+                {"messages": [{"role": "user", "content": "Hi"}]})
+        payload = json.dumps({"model": "m", **base, **body})
     r = requests.post(server.url + path, data=payload, timeout=120,
                       headers={"content-type": "application/json"})
     assert r.status_code < 500, (payload, r.status_code, r.text[:500])
     if r.status_code == 400 and r.headers.get("content-type", "").startswith("application/json"):
-        assert "message" in r.json() or "detail" in r.json()
+        assert "message" in r.json() or "detail" in r.json() or "error" in r.json()

@@ -93,8 +93,10 @@ def test_malformed_bodies_never_500(server):
     cases = [b"{", b"[]", b"null", b'{"messages": 5}', json.dumps({"model": "m", "messages": MSG,
              "length_target": [1, 2]}).encode(), json.dumps({"model": "m", "messages": MSG,
              "beta": {"x": 1}}).encode(), b'{"model": "m", "prompt": "x", "beta": NaN}',
-             json.dumps({"model": "m", "messages": [], "length_target": 5}).encode()]
-    for path in (CHAT, "/v1/completions", "/generate"):
+             json.dumps({"model": "m", "messages": [], "length_target": 5}).encode(),
+             b'{"custom_params": ' * 5000 + b'1' + b'}' * 5000,  # deeper than json's recursion
+             b'{"a": ' + b'[' * 900 + b']' * 900 + b'}']
+    for path in (CHAT, "/v1/completions", "/generate", "/invocations", "/v1/embeddings"):
         for body in cases:
             r = requests.post(server.url + path, data=body,
                               headers={"content-type": "application/json"}, timeout=60)
@@ -124,6 +126,12 @@ def test_nan_values_fall_back_for_that_request_only(models, tmp_path):
         with ThreadPoolExecutor(4) as ex:
             outs = list(ex.map(lambda a: run(*a), [("xyzS", 10), ("abc", 7), ("mno", 12),
                                                    ("Sqr", 5)]))
+            # at_least's floor needs no LenVM: it holds on the steps that fall back too
+            floor = s.post("/v1/completions", {"model": "m", "prompt": "Sab", "max_tokens": 40,
+                                               "length_target": 30, "length_mode": "at_least",
+                                               "logit_bias": no_s}).json()
+        assert "warning" in floor["choices"][0]["length_control"]
+        assert floor["usage"]["completion_tokens"] >= 30
         for out, (target, poisoned) in zip(outs, [(10, True), (7, False), (12, False), (5, True)]):
             lc = out["choices"][0]["length_control"]
             if poisoned:

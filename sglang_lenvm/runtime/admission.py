@@ -34,10 +34,10 @@ def admit(req, *, max_top_k: int, context_len: int) -> None:
     """Parse and apply a new request's length parameters (AFTER _create_generation_req)."""
     req.lenvm_params = None
     cp = req.sampling_params.custom_params
-    raw = cp.get(PARAMS_KEY) if isinstance(cp, dict) else None
-    if raw is None:
+    if not isinstance(cp, dict) or PARAMS_KEY not in cp:
         req.extra_key = outside_namespace(req.extra_key)
         return
+    raw = cp[PARAMS_KEY]
     try:
         faults.inject("admit", [req.rid])
         params = LengthParams.from_wire(raw, max_top_k=max_top_k, context_len=context_len)

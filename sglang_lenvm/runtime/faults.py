@@ -83,6 +83,17 @@ def isolated(phase: str, reqs: Sequence, batched: Callable[[], object],
     return "rows", results
 
 
+def fallback(phase: str, batched: Callable[[], object], recover: Callable[[], object]):
+    """`batched()`, or `recover()` if it raises (for phases whose recovery is a rebuild)."""
+    try:
+        return batched()
+    except Exception as error:  # noqa: BLE001
+        counters["faults"] += 1
+        logger.warning("LenVM %s failed (%s: %s); rebuilding row by row", phase,
+                       type(error).__name__, error)
+        return recover()
+
+
 def guarded(phase: str, fn: Callable[[], object], reqs: Sequence = (), default=None):
     """Run `fn()`; on an exception quarantine every request in `reqs` and return `default`.
 

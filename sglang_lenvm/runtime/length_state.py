@@ -198,9 +198,8 @@ class LengthState:
             faults.inject("filter", [r.rid for r in reqs if _wants_lenvm(r)])
             return self._index(keep, keep_device)
 
-        how, result = faults.isolated("filter", [r for r in reqs if _wants_lenvm(r)], batched,
-                                      lambda i: None)
-        state = result if how == "batch" else LengthState.rebuild(reqs, self.settings, "filter")
+        state = faults.fallback("filter", batched,
+                                lambda: LengthState.rebuild(reqs, self.settings, "filter"))
         return state._refreshed() if state is not None else None
 
     def merge(self, other: "LengthState") -> Optional["LengthState"]:
@@ -210,9 +209,8 @@ class LengthState:
             faults.inject("merge", [r.rid for r in reqs if _wants_lenvm(r)])
             return self._concat(other)
 
-        how, result = faults.isolated("merge", [r for r in reqs if _wants_lenvm(r)], batched,
-                                      lambda i: None)
-        state = result if how == "batch" else LengthState.rebuild(reqs, self.settings, "merge")
+        state = faults.fallback("merge", batched,
+                                lambda: LengthState.rebuild(reqs, self.settings, "merge"))
         return state._refreshed() if state is not None else None
 
     def rows(self, index: torch.Tensor) -> "LengthState":

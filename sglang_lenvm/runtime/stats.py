@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from sglang_lenvm.runtime import faults
+
 
 def worker_stats(worker, scheduler) -> dict:
     allocator = worker.target.token_to_kv_pool_allocator
@@ -22,6 +24,7 @@ def worker_stats(worker, scheduler) -> dict:
         "equal_max_overshoot": (worker.config.equal_max_overshoot
                                 if math.isfinite(worker.config.equal_max_overshoot) else None),
         **worker.stats,
+        **faults.counters,  # LenVM failures isolated, requests that went on unguided
         "kv_pool_tokens": int(worker.runner.max_total_num_tokens),
         "kv_bytes_per_token": worker.kv_bytes_per_token(),
         "free_slots": int(allocator.available_size()),
