@@ -33,10 +33,13 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(models, tmp_path_factory):
-    """Random base + random LenVM (published layout, head file), default settings."""
+    """Random base + random LenVM (published layout, head file), default settings, with fault
+    injection on: only requests whose rid asks for a fault (tests/test_faults.py) see one."""
+    from sglang_lenvm.runtime.faults import ENV_VAR, PHASES
+
     s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                 "--chunked-prefill-size", "64"],
-               tmp_path_factory.mktemp("logs") / "server.log")
+               tmp_path_factory.mktemp("logs") / "server.log", env={ENV_VAR: ",".join(PHASES)})
     yield s
     s.stop()
 

@@ -1,9 +1,9 @@
 """Fault injection: an exception in any LenVM phase costs one request its guidance, never the
 server, never a batch-mate, and never a later request that shares its prefix.
 
-The server runs with SGLANG_LENVM_INJECT_FAULTS (every phase): a request whose rid contains
-"lenvm-fault-<phase>" makes that phase raise whenever it runs over that request, both in the
-batched call and in the row-by-row retry, as a request-specific bug would.
+The shared test server runs with SGLANG_LENVM_INJECT_FAULTS (every phase): a request whose
+rid contains "lenvm-fault-<phase>" makes that phase raise whenever it runs over that request,
+both in the batched call and in the row-by-row retry, as a request-specific bug would.
 """
 
 import time
@@ -15,19 +15,13 @@ import requests
 
 from reference import lenvm_p
 from sglang_lenvm.runtime.faults import PHASES
-from sglang_lenvm.server_process import Server
 
 PROMPTS = ["Tell me about the sea", "Tell me about ships and the", "A story of the moon"]
 
 
 @pytest.fixture(scope="module")
-def fault_server(models, tmp_path_factory):
-    s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
-                "--chunked-prefill-size", "64"],
-               tmp_path_factory.mktemp("logs") / "faults.log",
-               env={"SGLANG_LENVM_INJECT_FAULTS": ",".join(PHASES)})
-    yield s
-    s.stop()
+def fault_server(server):
+    return server
 
 
 def stats(server):
@@ -79,8 +73,11 @@ def reference_outputs(fault_server):
     return [o["output_ids"] for o in out]
 
 
-@pytest.mark.parametrize("phase", [p for p in PHASES if p != "admit"])
-@pytest.mark.parametrize("faulty", [1, 2])  # rows that outlive row 0 (filter)
+# The faulty row alternates between rows 1 and 2 (both outlive row 0: a filter keeps them).
+CASES = [(p, 1 + i % 2) for i, p in enumerate(p for p in PHASES if p != "admit")]
+
+
+@pytest.mark.parametrize("phase,faulty", CASES, ids=[f"{p}-row{r}" for p, r in CASES])
 def test_a_fault_costs_one_request_its_guidance(fault_server, reference_outputs, phase, faulty):
     wait_idle(fault_server)
     tag = uuid.uuid4().hex

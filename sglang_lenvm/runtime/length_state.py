@@ -128,14 +128,11 @@ class LengthState:
         reqs = list(reqs)
         if not any(_wants_lenvm(r) for r in reqs):
             return None
-        lenvm = [r for r in reqs if _wants_lenvm(r)]
-        how, result = faults.isolated(
-            "build", lenvm,
-            lambda: cls._from_rows([_row_values(r, settings, "build") for r in reqs], settings),
-            lambda i: cls._from_rows([_row_values(lenvm[i], settings, "build")], settings))
-        if how == "batch":
-            return result
-        return cls.rebuild(reqs, settings)
+        return faults.fallback(
+            "build",
+            lambda: cls._from_rows([_row_values(r, settings, "build") if _wants_lenvm(r)
+                                    else _idle_row(r) for r in reqs], settings),
+            lambda: cls.rebuild(reqs, settings))
 
     @classmethod
     def rebuild(cls, reqs, settings: Settings, phase: str = "build") -> Optional["LengthState"]:

@@ -130,7 +130,7 @@ class LenVMWorker:
         """
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-        fb = extend_rows(forward_batch, rows)
+        fb = extend_rows(forward_batch, rows, getattr(self.runner, "kv_index_translator", None))
         backend = self.runner.attn_backend
         with forward_context(ForwardContext(attn_backend=backend), forward_batch=fb):
             backend.init_forward_metadata(fb)
@@ -187,12 +187,13 @@ _PER_ROW = ("req_pool_indices", "seq_lens", "orig_seq_lens", "extend_prefix_lens
 _PER_TOKEN = ("input_ids", "positions", "out_cache_loc", "input_embeds")
 
 
-def extend_rows(fb, rows: Optional[List[int]]):
+def extend_rows(fb, rows: Optional[List[int]], translator=None):
     """An EXTEND ForwardBatch restricted to some rows: same slots, same positions.
 
     A shallow copy with the per-request and per-token fields indexed and the sums recomputed;
-    the attention backend then plans for these rows alone. The base model's KV location plan
-    is dropped: the LenVM's pool is its own and indexes the slot ids as they are.
+    the attention backend then plans for these rows alone. Its KV location plan is the
+    LenVM runner's own (`translator`), over the rows' virtual slot ids, as SGLang's
+    ForwardBatch.init_new plans a lone forward.
     """
     fb = copy.copy(fb)
     n = fb.batch_size
@@ -214,6 +215,9 @@ def extend_rows(fb, rows: Optional[List[int]]):
             setattr(fb, name, value[row_t.to(value.device, non_blocking=True)])
         else:
             setattr(fb, name, [value[i] for i in rows])
+    virtual = getattr(fb, "out_cache_loc_virtual", None)
+    if virtual is not None:  # the write window in the scheduler's ids, before translation
+        fb.out_cache_loc = virtual
     for name in _PER_TOKEN:
         value = getattr(fb, name, None)
         if isinstance(value, torch.Tensor):
@@ -226,7 +230,8 @@ def extend_rows(fb, rows: Optional[List[int]]):
         device=device, dtype=dtype, non_blocking=True)
     if fb.seq_lens_cpu is not None:
         fb.seq_lens_sum = int(fb.seq_lens_cpu.sum())
-    for name in ("kv_loc_plan", "kv_loc_cols", "out_cache_loc_virtual"):
-        if hasattr(fb, name):
-            setattr(fb, name, None)
+    fb.kv_loc_plan = fb.kv_loc_cols = fb.out_cache_loc_virtual = None
+    fb.out_cache_loc_is_physical = False
+    if translator is not None:
+        translator.own_plan(fb).bind(fb, translator)
     return fb
