@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from typing import Optional
 
 from fastapi import Request
 from fastapi.responses import ORJSONResponse
@@ -65,7 +64,8 @@ async def predict_length(request: Request):
     obj = GenerateReqInput(
         input_ids=input_ids,
         sampling_params={"max_new_tokens": 1, "temperature": 0.0,
-                         "custom_params": {PARAMS_KEY: LengthParams(return_values=True).to_wire()}},
+                         "custom_params": {
+                             PARAMS_KEY: LengthParams(return_values=True).to_wire()}},
     )
     out = await tm.generate_request(obj, request).__anext__()
     meta = out["meta_info"]

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from pools import stats, wait_idle
 from reference import lenvm_p
 from sglang_lenvm.runtime.faults import PHASES
 
@@ -22,21 +23,6 @@ PROMPTS = ["Tell me about the sea", "Tell me about ships and the", "A story of t
 @pytest.fixture(scope="module")
 def fault_server(server):
     return server
-
-
-def stats(server):
-    return server.get("/lenvm/stats").json()[0]
-
-
-def wait_idle(server, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = stats(server)
-        if (s["running_requests"] == 0 and s["waiting_requests"] == 0 and s["protected_slots"] == 0
-                and s["free_slots"] + s["evictable_slots"] == s["kv_pool_tokens"]):
-            return s
-        time.sleep(0.5)
-    raise AssertionError(f"not idle after {timeout}s: {stats(server)}")
 
 
 def sampling(i):

@@ -6,27 +6,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
+from pools import wait_idle
 
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "Tell me a very long story about the sea and ships."}]
-
-
-def stats(server):
-    return server.get("/lenvm/stats").json()[0]
-
-
-def wait_idle(server, timeout=60):
-    """No request running or waiting, and every slot free or held unlocked by the cache."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = stats(server)
-        if (s["running_requests"] == 0 and s["waiting_requests"] == 0 and s["protected_slots"] == 0
-                and s["free_slots"] + s["evictable_slots"] == s["kv_pool_tokens"]):
-            return s
-        time.sleep(0.5)
-    raise AssertionError(f"not idle after {timeout}s: {stats(server)}")
 
 
 def guided(max_tokens=400, **extra):

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import requests
+from pools import stats
 
 MSG = [{"role": "user", "content": "Tell me about the sea"}]
 PRIVATE = {"custom_params": {"__lenvm": {"mode": "equal", "target": None}}}
@@ -158,22 +159,18 @@ def test_padding_ids_past_the_lenvm_are_never_candidates(server, models):
     assert all(t < vocab for t in guided.json()["output_ids"])
 
 
-def lenvm_stats(server):
-    return server.get("/lenvm/stats").json()[0]
-
-
 def test_unguided_requests_cost_the_lenvm_nothing_in_a_mixed_batch(server):
     """One prefill batch: a guided prompt and a longer unguided one. The LenVM mirrors the
     guided prompt's tokens only."""
     tag = uuid.uuid4().hex
     guided_text, plain_text = f"Guided {tag}", f"Plain {tag} " + "word " * 60
-    before = lenvm_stats(server)
+    before = stats(server)
     r = server.post("/generate", {"text": [guided_text, plain_text], "sampling_params": [
         {"max_new_tokens": 3, "length_target": 3, "length_mode": "at_most"},
         {"max_new_tokens": 3}]})
     assert r.status_code == 200, r.text
     guided, plain = r.json()
-    after = lenvm_stats(server)
+    after = stats(server)
     assert guided["meta_info"]["cached_tokens"] == 0
     assert plain["meta_info"]["prompt_tokens"] > guided["meta_info"]["prompt_tokens"]
     mirrored = after["mirror_extend_tokens"] - before["mirror_extend_tokens"]
@@ -185,10 +182,10 @@ def test_intermediate_prefill_chunks_are_not_scored(server):
     """The server prefills in chunks of 64 tokens; a ~300-token guided prompt that samples one
     token runs one star forward (its last chunk), not one per chunk."""
     text = f"{uuid.uuid4().hex} " + " ".join(f"item {i} is {i * 7 % 13}." for i in range(40))
-    before = lenvm_stats(server)
+    before = stats(server)
     r = server.post("/generate", {"text": text, "sampling_params": {
         "max_new_tokens": 1, "length_target": 1, "length_mode": "at_most"}})
     assert r.status_code == 200, r.text
     assert r.json()["meta_info"]["prompt_tokens"] > 4 * 64
-    after = lenvm_stats(server)
+    after = stats(server)
     assert after["star_forwards"] - before["star_forwards"] == 1
