@@ -106,6 +106,10 @@ def rewrite_sampling(top: dict, sp: dict, *, limit_fields, shared: bool = False,
     if params.steers and (top.get("custom_logit_processor") or sp.get("custom_logit_processor")):
         raise RequestError("custom_logit_processor cannot be combined with length guidance",
                            "custom_logit_processor")
+    for name in ("input_embeds", "image_data", "video_data", "audio_data"):
+        if top.get(name) is not None:  # the LenVM reads token ids only
+            raise RequestError(f"{name} cannot be combined with length control (the LenVM "
+                               f"reads token ids only)", name)
     if params.steers and _is_beam(sp.get("beam_width")):
         raise RequestError("beam search cannot be combined with length guidance", "beam_width")
     for k in limit_fields:  # at_most: no output limit above the target, whichever field

@@ -75,6 +75,14 @@ def test_admission_applies_budgets_and_the_namespace():
     assert req.aborted is not None and "custom_logit_processor" in req.aborted[0]
 
 
+def test_inputs_the_lenvm_cannot_read_are_refused():
+    for name in ("input_embeds", "mm_inputs"):
+        req = FakeReq(raw={"target": 5, "mode": "at_most"})
+        admit(req, max_top_k=64, context_len=4096,
+              recv_req=SimpleNamespace(**{name: [[0.0]]}))
+        assert req.aborted is not None and name in req.aborted[0]
+
+
 def test_requests_without_the_lenvm_never_enter_its_namespace():
     req = run(extra_key="lenvm|x")
     assert req.lenvm_params is None and req.extra_key == "user:lenvm|x" and req.aborted is None

@@ -81,6 +81,10 @@ def test_rewrite_moves_fields_and_caps_at_most():
         rewrite_body("/generate", {"text": "x", "sampling_params": {"length_target": 500,
                                                                     "max_new_tokens": 128}})
     assert e.value.param == "max_new_tokens"
+    with pytest.raises(RequestError) as e:  # the LenVM reads token ids only
+        rewrite_body("/generate", {"input_embeds": [[0.1, 0.2]], "sampling_params": {
+            "length_target": 4}})
+    assert e.value.param == "input_embeds"
     with pytest.raises(RequestError) as e:
         rewrite_body(CHAT, {"messages": MSG, "beta": -1.0}, lenvm_loaded=False)
     assert e.value.param == "beta" and "without one" in str(e.value)

@@ -30,8 +30,9 @@ from sglang_lenvm.schema import (
 logger = logging.getLogger(__name__)
 
 
-def admit(req, *, max_top_k: int, context_len: int) -> None:
-    """Parse and apply a new request's length parameters (AFTER _create_generation_req)."""
+def admit(req, *, max_top_k: int, context_len: int, recv_req=None) -> None:
+    """Parse and apply a new request's length parameters (AFTER _create_generation_req;
+    `recv_req` is the tokenized request it was made from)."""
     req.lenvm_params = None
     cp = req.sampling_params.custom_params
     if not isinstance(cp, dict) or PARAMS_KEY not in cp:
@@ -41,7 +42,7 @@ def admit(req, *, max_top_k: int, context_len: int) -> None:
     try:
         faults.inject("admit", [req.rid])
         params = LengthParams.from_wire(raw, max_top_k=max_top_k, context_len=context_len)
-        _check_request(req, params)
+        _check_request(req, params, recv_req)
         if params.uses_lenvm:
             _apply(req, params)
         else:
@@ -55,8 +56,13 @@ def admit(req, *, max_top_k: int, context_len: int) -> None:
                 HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError")
 
 
-def _check_request(req, params: LengthParams) -> None:
+def _check_request(req, params: LengthParams, recv_req) -> None:
     sp = req.sampling_params
+    # The LenVM reads token ids: input the ids do not describe would be scored as if they did.
+    for name in ("input_embeds", "mm_inputs", "positional_embed_overrides"):
+        if getattr(recv_req, name, None) is not None:
+            raise RequestError(f"{name} cannot be combined with length control (the LenVM "
+                               f"reads token ids only)", name)
     if not params.steers:
         return
     if req.custom_logit_processor:

@@ -160,12 +160,13 @@ def _internal_state(result, sched, *args, **kwargs):
 
 # ---- per request ----
 
-def _admit(req, sched, *args, **kwargs):
+def _admit(req, sched, recv_req=None, *args, **kwargs):
     if _worker is None:
         return req
     from sglang_lenvm.runtime.admission import admit
 
-    admit(req, max_top_k=_config.max_top_k, context_len=sched.model_config.context_len)
+    admit(req, max_top_k=_config.max_top_k, context_len=sched.model_config.context_len,
+          recv_req=recv_req)
     return req
 
 
