@@ -31,13 +31,19 @@ Per (mode, target): mean LS over prompts, and the deviation mean |LD| (LIFEBench
 %). Per mode: the mean of the per-target values (LIFEBench rounds each per-target LS to 0.1
 first; we keep full precision, a difference of at most 0.05). Like LIFEBench's illegal_filter,
 outputs with L <= 1 are dropped (counted in `dropped`).
+
+Text quality beside every length score (benchmarks/quality.py): the base model's mean NLL per
+generated token (scored by the same server over prompt + output), the share of outputs with a
+3-word phrase repeated 3+ times, and the share of tokens outside the base model's top 3; per
+(run, mode) over all kept outputs, and the NLL gap of each run to the prompt-only baseline.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
-from benchmarks import common
+from benchmarks import common, quality
 
 MODES = ("equal", "at_most", "at_least")
 RUNS = ("baseline", "lenvm")
@@ -85,7 +91,9 @@ def make_requests(rows: list[dict], wording: dict, args, model: str) -> list[dic
                 messages.append({"role": "user", "content": prompt})
                 body = {"model": model, "messages": messages, "temperature": args.temperature,
                         "top_p": args.top_p, "top_k": args.top_k,
-                        "max_tokens": max(int(args.max_tokens_factor * target), target + 1)}
+                        "max_tokens": max(int(args.max_tokens_factor * target), target + 1),
+                        "return_prompt_token_ids": True, "return_token_ids": True}
+                body.update(args.extra_body)
                 for run in args.runs:
                     b = dict(body)
                     if run == "lenvm":
@@ -102,10 +110,12 @@ def run_one(url: str, req: dict) -> dict:
     length = r["usage"]["completion_tokens"]
     ld = length_deviation(length, req["target"])
     lc = choice.get("length_control") or {}
+    text = choice["message"]["content"] or ""
     return {k: req[k] for k in ("id", "lang", "category", "mode", "target", "run")} | {
         "length": length, "finish_reason": choice["finish_reason"], "ld": ld,
         "ls": length_score(req["mode"], ld), "predicted_length": lc.get("predicted_length"),
-        "text": choice["message"]["content"]}
+        "text": text, **quality.measure(url, choice["prompt_token_ids"],
+                                        choice["response_token_ids"], text)}
 
 
 def cell(records: list[dict]) -> dict:
@@ -117,7 +127,7 @@ def cell(records: list[dict]) -> dict:
             "median_length": common.percentile(lengths, 50),
             "mean_ld": common.mean(r["ld"] for r in kept),
             "deviation": common.mean(abs(r["ld"]) for r in kept),
-            "ls": common.mean(r["ls"] for r in kept)}
+            "ls": common.mean(r["ls"] for r in kept), **quality.summarize(kept)}
 
 
 def summarize(records: list[dict], args) -> dict:
@@ -128,18 +138,20 @@ def summarize(records: list[dict], args) -> dict:
             sel = [r for r in records if r["run"] == run and r["mode"] == mode]
             per_t = {str(t): cell([r for r in sel if r["target"] == t]) for t in args.targets}
             cells.setdefault(run, {})[mode] = per_t
-            averages.setdefault(run, {})[mode] = average(per_t.values())
+            averages.setdefault(run, {})[mode] = {
+                **average(per_t.values()), **quality.summarize(r for r in sel if r["length"] > 1)}
             for lang in sorted({r["lang"] for r in sel}):
                 per_tl = [cell([r for r in sel if r["target"] == t and r["lang"] == lang])
                           for t in args.targets]
                 by_lang.setdefault(run, {}).setdefault(mode, {})[lang] = average(per_tl)
-    improvement = {}
+    improvement, nll_gap = {}, {}
     if set(RUNS) <= set(args.runs):
         for mode in args.modes:
-            a, b = averages["lenvm"][mode]["ls"], averages["baseline"][mode]["ls"]
-            improvement[mode] = a - b if a is not None and b is not None else None
+            a, b = averages["lenvm"][mode], averages["baseline"][mode]
+            improvement[mode] = quality.gap(a["ls"], b["ls"])
+            nll_gap[mode] = quality.gap(a["nll"], b["nll"])
     return {"cells": cells, "averages": averages, "averages_by_lang": by_lang,
-            "ls_improvement": improvement}
+            "ls_improvement": improvement, "nll_gap": nll_gap}
 
 
 def average(cells) -> dict:
@@ -206,14 +218,18 @@ def report(result: dict) -> str:
             avg = s["averages"][run][mode]
             rows.append([run, mode] + [per_t[str(t)]["ls"] for t in st["targets"]] +
                         [avg["ls"], pct(avg["deviation"]) if mode == "equal" else None,
+                         avg["nll"], pct(avg["repetition"]), pct(avg["off_top3"]),
                          sum(c["dropped"] for c in per_t.values()),
                          sum(c["truncated"] for c in per_t.values())])
     out.append(common.md_table(["run", "mode"] + [f"LS@{t}" for t in st["targets"]] +
-                               ["LS avg", "deviation (equal)", "dropped (L<=1)", "cut"], rows))
+                               ["LS avg", "deviation (equal)", "NLL/token", "repetitive",
+                                "off top-3", "dropped (L<=1)", "cut"], rows))
     if s["ls_improvement"]:
         out += ["", "LS improvement (lenvm - baseline): " + ", ".join(
             f"{m} {v:+.1f}" if v is not None else f"{m} –"
             for m, v in s["ls_improvement"].items())]
+        out += ["NLL gap (lenvm - baseline, nats/token): " + ", ".join(
+            f"{m} {v:+.2f}" if v is not None else f"{m} –" for m, v in s["nll_gap"].items())]
     if result["errors"]:
         out += ["", f"{len(result['errors'])} request(s) failed, see `errors` in the JSON"]
     return "\n".join(out)
@@ -240,6 +256,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens-factor", type=float, default=4.0,
                     help="max_tokens = factor x target")
     ap.add_argument("--system", help="a system message before each prompt")
+    ap.add_argument("--extra-body", type=json.loads, default={},
+                    help="JSON object merged into every request body (e.g. a decision knob)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", default=str(common.RESULTS / "length_following.json"))
     args = ap.parse_args(argv)

@@ -17,7 +17,8 @@ fast) leaves partial z sums in different programs, and Triton has no grid-wide b
    head is float32 on purpose (p near 1 is where ln(1-p)/ln(gamma) is most sensitive).
 2. `_decision_kernel`, grid (B,): sums the partials + summary bias, sigmoid, stop tokens -> 0,
    NaN -> 0 (with a per-row `cand_ok` flag as the scorer keeps), remaining length, the
-   equal / at_most / at_least rules with decide()'s +-1/2 rounding tolerance, beta tilting and
+   plausibility floor, the equal (hard or soft) / at_most / at_least rules with decide()'s
+   +-1/2 rounding tolerance, beta tilting, the forced stop past equal's overshoot limit and
    greedy argmax, writing q over the candidate slots.
 
 Rows of `hidden` are request-major star trees: row b * T + t, t = 0 the root when has_root, and
@@ -86,12 +87,13 @@ def _log1p_neg(x):
 @triton.jit
 def _decision_kernel(
     ZPART, SUMMARY_BIAS, IDS, BASE, VALID, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
-    P_ALL, P_CAND, Q, CAND_OK,
-    n_parts, tree_size, num_cand, num_stop, log_gamma,
+    MUST_STOP, P_ALL, P_CAND, Q, CAND_OK,
+    n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness,
     stride_zp, stride_ids, stride_base, stride_valid, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr, EQUAL_RATIO: tl.constexpr,
+    BLOCK_S: tl.constexpr, EQUAL_RATIO: tl.constexpr, SOFT_EQUAL: tl.constexpr,
+    HAS_MUST_STOP: tl.constexpr,
 ):
     b = tl.program_id(0)
     bias = tl.load(SUMMARY_BIAS)
@@ -131,37 +133,54 @@ def _decision_kernel(
     mode = tl.load(MODE + b)
     r = tl.maximum(tl.load(TARGET + b) - tl.load(GENERATED + b) - 1, 0).to(tl.float32)
     INF = float("inf")
+    # Plausibility floor: only candidates with base >= plausibility x the row's most likely
+    # compete on length; slot 0 (the most likely) and stop tokens always do.
+    base = tl.load(BASE + b * stride_base + offs_k, mask=k_ok, other=0.0)
+    base_max = tl.max(tl.where(valid, base, 0.0), 0)
+    plausible = valid & ((base >= plausibility * base_max) | is_stop | (offs_k == 0))
     if EQUAL_RATIO:  # equal_distance "ratio" (decide() says why)
-        dist = tl.where(valid, tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)), INF)
+        dist = tl.where(plausible, tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)), INF)
     else:
-        dist = tl.where(valid, tl.abs(length - r), INF)
+        dist = tl.where(plausible, tl.abs(length - r), INF)
     admissible = tl.where(mode == 2, length < r + 0.5,
-                          tl.where(mode == 3, length > r - 0.5, True)) & valid
+                          tl.where(mode == 3, length > r - 0.5, True)) & plausible
     # at_most with budget left where only stop tokens fit: the shortest non-stop candidate is
     # admissible too (decide()), so a LenVM that predicts every continuation too long does
     # not end the output at once.
-    go_on = valid & ~is_stop & k_ok
+    go_on = plausible & ~is_stop & k_ok
     shortest = offs_k == tl.argmin(tl.where(go_on, length, INF), 0, tie_break_left=True)
     go_on_fits = tl.sum((admissible & go_on).to(tl.int32), 0) > 0
     rescue = (mode == 2) & (r >= 0.5) & ~go_on_fits
     admissible = admissible | (rescue & shortest & go_on)
     none_ok = tl.sum(admissible.to(tl.int32), 0) == 0
-    fallback = tl.where(mode == 2, tl.where(valid, length, INF), tl.where(valid, -length, INF))
-    deterministic = (mode == 1) | ((mode != 0) & none_ok)
+    fallback = tl.where(mode == 2, tl.where(plausible, length, INF),
+                        tl.where(plausible, -length, INF))
+    deterministic = ((mode == 2) | (mode == 3)) & none_ok
+    if not SOFT_EQUAL:
+        deterministic = deterministic | (mode == 1)
     pick_score = tl.where(mode == 1, dist, fallback)
     pick_score = tl.where(k_ok, pick_score, INF)
     # first minimum: slots are sorted by base probability, ties go to the more likely token
     one_hot = (offs_k == tl.argmin(pick_score, 0, tie_break_left=True)).to(tl.float32)
 
-    # Sampling: base probabilities over the admissible set, tilted by exp(beta * p). Like
+    # Sampling: base probabilities over the admissible set, tilted by exp(beta * p); soft
+    # equal: base probabilities weighed by exp(-softness * d) over the plausible set. Like
     # torch.softmax, a row with nothing admissible yields NaN (decide() then uses the one-hot,
     # or the row is unused).
-    base = tl.load(BASE + b * stride_base + offs_k, mask=k_ok, other=0.0)
-    logq = tl.log(tl.maximum(base, 1e-30)) + tl.load(BETA + b) * p
-    logq = tl.where(admissible, logq, float("-inf"))
+    log_base = tl.log(tl.maximum(base, 1e-30))
+    logq = tl.where(admissible, log_base + tl.load(BETA + b) * p, float("-inf"))
+    if SOFT_EQUAL:
+        soft = tl.where(plausible, log_base - softness * dist, float("-inf"))
+        logq = tl.where(mode == 1, soft, logq)
     e = tl.exp(logq - tl.max(logq, 0))
     q = e / tl.sum(e, 0)
     q = tl.where(deterministic, one_hot, q)
+    if HAS_MUST_STOP:  # equal past its overshoot limit: its most likely stop slot, if any
+        stop_slots = valid & is_stop & k_ok
+        best_stop = tl.where(stop_slots, base, -1.0)
+        stop_pick = (offs_k == tl.argmax(best_stop, 0, tie_break_left=True)).to(tl.float32)
+        force = (tl.load(MUST_STOP + b) != 0) & (tl.sum(stop_slots.to(tl.int32), 0) > 0)
+        q = tl.where(force, stop_pick, q)
     # greedy: argmax of q (torch's argmax takes a NaN as the maximum)
     score = tl.where(q == q, q, INF)
     score = tl.where(k_ok, score, -1.0)
@@ -212,11 +231,14 @@ def value_head_triton(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: to
 def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
                                generated, beta, greedy, gamma: float,
-                               equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> HeadDecision:
+                               equal_distance: str = DEFAULT_EQUAL_DISTANCE,
+                               plausibility: float = 0.0, equal_softness: float = math.inf,
+                               must_stop=None) -> HeadDecision:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
-    padded; mode / target / generated / beta / greedy [B] as in `decide`.
+    padded; mode / target / generated / beta / greedy / must_stop [B] and the rule's knobs as
+    in `decide`.
     """
     B, K = ids.shape
     T = K + int(has_root)
@@ -235,16 +257,20 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
     ids, base_prob, valid, stop_ids, mode, target, generated, beta, greedy = (
         x.contiguous() for x in (ids, base_prob.float(), valid, stop_ids, mode, target,
                                  generated, beta.float(), greedy))
+    must = must_stop.contiguous() if must_stop is not None else greedy  # unread without it
+    soft = not math.isinf(equal_softness)
     _decision_kernel[(B,)](
         zpart, summary_bias.reshape(-1).float(), ids, base_prob, valid, stop_ids, mode, target,
-        generated, beta, greedy, p_all, p_cand, q, cand_ok,
-        zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma),
+        generated, beta, greedy, must, p_all, p_cand, q, cand_ok,
+        zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma), float(plausibility),
+        float(equal_softness) if soft else 0.0,
         zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),
         ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
         BLOCK_K=max(2, triton.next_power_of_2(K)),
         BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])),
-        EQUAL_RATIO=equal_uses_ratio(equal_distance), num_warps=1,
+        EQUAL_RATIO=equal_uses_ratio(equal_distance), SOFT_EQUAL=soft,
+        HAS_MUST_STOP=must_stop is not None, num_warps=1,
     )
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
@@ -252,7 +278,9 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
 def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                   ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
                                   generated, beta, greedy, gamma: float,
-                                  equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> HeadDecision:
+                                  equal_distance: str = DEFAULT_EQUAL_DISTANCE,
+                                  plausibility: float = 0.0, equal_softness: float = math.inf,
+                                  must_stop=None) -> HeadDecision:
     """The torch path of the scorer: ValueHead math, sigmoid, then `decide_from_values`."""
     B, K = ids.shape
     fc = torch.nn.functional.linear(hidden.float(), fc_weight, fc_bias)
@@ -262,4 +290,5 @@ def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, su
     return decide_from_values(p_all, Candidates(ids=ids, base_prob=base_prob, valid=valid),
                               stop_ids, has_root=has_root, mode=mode, target=target,
                               generated=generated, beta=beta, greedy=greedy, gamma=gamma,
-                              equal_distance=equal_distance)
+                              equal_distance=equal_distance, plausibility=plausibility,
+                              equal_softness=equal_softness, must_stop=must_stop)

@@ -23,6 +23,11 @@ DEFAULT_EQUAL_DISTANCE = "ratio"
 # the top-k) would run on to max_tokens. Once an output is this fraction past its target, the
 # stop token joins the candidates, and with no budget left it is the closest. inf: never.
 DEFAULT_EQUAL_MAX_OVERSHOOT = 0.25
+# Only candidates with base probability >= this x the most likely candidate's compete on
+# length (the most likely and stop tokens always do). 0: every top-k candidate.
+DEFAULT_PLAUSIBILITY = 0.0
+# equal samples q(x) ~ p(x) exp(-softness * d(x)), d the length distance; inf: the closest.
+DEFAULT_EQUAL_SOFTNESS = math.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,10 @@ class LenVMConfig:
     equal_distance: str = DEFAULT_EQUAL_DISTANCE
     # equal: an output ends by (1 + this) x target tokens at the latest (stop token included).
     equal_max_overshoot: float = DEFAULT_EQUAL_MAX_OVERSHOOT
+    # every mode: the plausibility floor alpha (see DEFAULT_PLAUSIBILITY)
+    plausibility: float = DEFAULT_PLAUSIBILITY
+    # equal: lambda of the soft rule (inf: deterministic closest candidate)
+    equal_softness: float = DEFAULT_EQUAL_SOFTNESS
 
     def __post_init__(self):
         if self.gamma is not None and not (0.0 < self.gamma < 1.0 and math.isfinite(self.gamma)):
@@ -50,9 +59,14 @@ class LenVMConfig:
         if not self.equal_max_overshoot >= 0.0:  # also rejects NaN
             raise ValueError(f"--lenvm-equal-max-overshoot must be >= 0 (inf: never stop), "
                              f"got {self.equal_max_overshoot}")
+        if not 0.0 <= self.plausibility <= 1.0:
+            raise ValueError(f"--lenvm-plausibility must be in [0, 1], got {self.plausibility}")
+        if not self.equal_softness >= 0.0:
+            raise ValueError(f"--lenvm-equal-softness must be >= 0 (inf: the closest candidate), "
+                             f"got {self.equal_softness}")
 
     def to_env(self) -> None:
-        os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
+        os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))  # Infinity round-trips
 
     @classmethod
     def from_env(cls) -> Optional["LenVMConfig"]:

@@ -19,7 +19,6 @@ from typing import Optional
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_lenvm import api
-from sglang_lenvm.config import DEFAULT_EQUAL_DISTANCE, DEFAULT_EQUAL_MAX_OVERSHOOT, DEFAULT_TOP_K
 from sglang_lenvm.schema import PARAMS_KEY, WIRE_NAME, RequestError
 
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
@@ -56,12 +55,12 @@ def _around_generate_request(orig, tm, obj, *args, **kwargs):
 HOOKS = [(f"{TOKENIZER_MANAGER}.generate_request", _around_generate_request, HookType.AROUND)]
 
 
-def Engine(*, lenvm_path: str, lenvm_gamma: Optional[float] = None,
-           lenvm_top_k: int = DEFAULT_TOP_K, lenvm_equal_distance: str = DEFAULT_EQUAL_DISTANCE,
-           lenvm_equal_max_overshoot: float = DEFAULT_EQUAL_MAX_OVERSHOOT, **kwargs):
+def Engine(*, lenvm_path: str, lenvm_gamma: Optional[float] = None, **kwargs):
     """`sglang.Engine(**kwargs)` with a co-located LenVM (same checks as the server).
 
-    On a machine without a GPU the CPU defaults of `launch_server` apply unless given.
+    The server's --lenvm-* flags are keyword arguments here: lenvm_top_k, lenvm_equal_distance,
+    lenvm_equal_max_overshoot, lenvm_plausibility, lenvm_equal_softness. On a machine without a
+    GPU the CPU defaults of `launch_server` apply unless given.
     """
     import torch
 
@@ -75,9 +74,8 @@ def Engine(*, lenvm_path: str, lenvm_gamma: Optional[float] = None,
         if "mem_fraction_static" not in kwargs:
             kwargs.setdefault("max_total_tokens", CPU_MAX_TOTAL_TOKENS)
     base = kwargs.get("tokenizer_path") or kwargs.get("model_path")
-    config = make_config(lenvm_path, base, gamma=lenvm_gamma, top_k=lenvm_top_k,
-                         equal_distance=lenvm_equal_distance,
-                         equal_max_overshoot=lenvm_equal_max_overshoot)
+    settings = {k[len("lenvm_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("lenvm_")}
+    config = make_config(lenvm_path, base, gamma=lenvm_gamma, **settings)
     check_server_args(_Args(kwargs))
     config.to_env()  # the Engine's scheduler processes read it
     plugin.activate(config)

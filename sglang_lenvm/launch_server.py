@@ -25,6 +25,8 @@ from typing import List, Optional
 from sglang_lenvm.config import (
     DEFAULT_EQUAL_DISTANCE,
     DEFAULT_EQUAL_MAX_OVERSHOOT,
+    DEFAULT_EQUAL_SOFTNESS,
+    DEFAULT_PLAUSIBILITY,
     DEFAULT_GAMMA,
     DEFAULT_TOP_K,
     EQUAL_DISTANCES,
@@ -51,6 +53,16 @@ def _our_parser() -> argparse.ArgumentParser:
                    help="length_mode=equal picks the candidate whose predicted remaining length "
                         "l is closest to the budget r: 'ratio' compares ln(1+l) with ln(1+r), "
                         "'tokens' compares l with r (the paper's rule)")
+    g.add_argument("--lenvm-plausibility", type=float, default=DEFAULT_PLAUSIBILITY,
+                   metavar="ALPHA",
+                   help="only candidates with base probability >= ALPHA x the most likely "
+                        "candidate's compete on length (the most likely and stop tokens "
+                        "always do); 0: every top-k candidate")
+    g.add_argument("--lenvm-equal-softness", type=float, default=DEFAULT_EQUAL_SOFTNESS,
+                   metavar="LAMBDA",
+                   help="length_mode=equal samples q(x) ~ p(x) exp(-LAMBDA d(x)), d the "
+                        "distance of x's predicted length to the budget ('inf': the closest "
+                        "candidate, deterministically)")
     g.add_argument("--lenvm-equal-max-overshoot", type=float, default=DEFAULT_EQUAL_MAX_OVERSHOOT,
                    metavar="F",
                    help="once a length_mode=equal output is F x its target past the target, "
@@ -90,9 +102,10 @@ def cpu_defaults(argv: List[str]) -> List[str]:
     return argv + extra
 
 
-def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[float],
-                top_k: int, equal_distance: str, equal_max_overshoot: float) -> LenVMConfig:
-    """Validate a LenVM checkpoint (and its tokenizer against the base's) into a config."""
+def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[float] = None,
+                **settings) -> LenVMConfig:
+    """Validate a LenVM checkpoint (and its tokenizer against the base's) into a config;
+    `settings` are LenVMConfig fields."""
     from sglang_lenvm.checkpoint import check_same_tokenizer, inspect_checkpoint
 
     ckpt = inspect_checkpoint(lenvm_path)
@@ -100,8 +113,7 @@ def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[fl
         check_same_tokenizer(base_path, lenvm_path)
     return LenVMConfig(lenvm_path=os.path.abspath(lenvm_path),
                        gamma=gamma if gamma is not None else (ckpt.gamma or DEFAULT_GAMMA),
-                       top_k=top_k, equal_distance=equal_distance,
-                       equal_max_overshoot=equal_max_overshoot)
+                       **settings)
 
 
 def prepare(argv: List[str]):
@@ -119,7 +131,9 @@ def prepare(argv: List[str]):
         base = _flag_value(rest, "--tokenizer-path") or _flag_value(rest, "--model-path")
         config = make_config(ours.lenvm_path, base, gamma=ours.lenvm_gamma,
                              top_k=ours.lenvm_top_k, equal_distance=ours.lenvm_equal_distance,
-                             equal_max_overshoot=ours.lenvm_equal_max_overshoot)
+                             equal_max_overshoot=ours.lenvm_equal_max_overshoot,
+                             plausibility=ours.lenvm_plausibility,
+                             equal_softness=ours.lenvm_equal_softness)
         config.to_env()
     else:
         os.environ.pop("SGLANG_LENVM_CONFIG", None)

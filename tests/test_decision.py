@@ -214,3 +214,51 @@ def test_forced_stop_candidate_is_the_rows_most_likely_stop_token():
     none = _with_stop_candidate(c, lambda ids: torch.zeros(ids.shape), stop_ids,
                                 torch.tensor([True, True]))
     assert none.valid[:, -1].tolist() == [False, False]
+
+
+def test_plausibility_floor_keeps_unlikely_tokens_out_of_the_length_race():
+    """equal, r = 4: slot 3 predicts exactly 4 but has 2% of the mass; with a floor of 0.1 x
+    the most likely it cannot win, and the closest plausible candidate does."""
+    c = cand([[0.6, 0.3, 0.08, 0.02]])
+    p = p_of([[40, 9, 20, 4]])
+    assert run(c, p, MODE_EQUAL, 5, 0).tolist() == [[0, 0, 0, 1]]
+    q = decide(c, p, mode=torch.tensor([MODE_EQUAL]), target=torch.tensor([5]),
+               generated=torch.tensor([0]), beta=torch.zeros(1), greedy=torch.tensor([False]),
+               gamma=G, plausibility=0.1)
+    assert q.tolist() == [[0, 1, 0, 0]]
+    # at_most: nothing plausible fits r = 4 -> the shortest plausible, not the rare one
+    q = decide(c, p, mode=torch.tensor([MODE_AT_MOST]), target=torch.tensor([5]),
+               generated=torch.tensor([0]), beta=torch.zeros(1), greedy=torch.tensor([False]),
+               gamma=G, plausibility=0.1)
+    assert q.tolist() == [[0, 1, 0, 0]]
+
+
+def test_soft_equal_weighs_base_probability_by_length_distance():
+    c = cand([[0.5, 0.3, 0.2]])
+    lengths = [[30, 8, 3]]
+    p = p_of(lengths)
+    lam = 2.0
+    q = decide(c, p, mode=torch.tensor([MODE_EQUAL]), target=torch.tensor([9]),
+               generated=torch.tensor([0]), beta=torch.zeros(1), greedy=torch.tensor([False]),
+               gamma=G, equal_softness=lam)
+    r = 8
+    d = torch.tensor([abs(math.log1p(l) - math.log1p(r)) for l in lengths[0]])
+    want = torch.tensor([0.5, 0.3, 0.2]) * torch.exp(-lam * d)
+    assert torch.allclose(q[0], want / want.sum(), atol=1e-4)
+    greedy = decide(c, p, mode=torch.tensor([MODE_EQUAL]), target=torch.tensor([9]),
+                    generated=torch.tensor([0]), beta=torch.zeros(1),
+                    greedy=torch.tensor([True]), gamma=G, equal_softness=lam)
+    assert greedy.tolist() == [torch.nn.functional.one_hot(want.argmax(), 3).tolist()]
+
+
+def test_must_stop_takes_the_most_likely_stop_slot():
+    c = cand([[0.5, 0.2, 0.2, 0.1]])
+    is_stop = torch.tensor([[False, True, False, True]])
+    p = p_of([[30, 0, 20, 0]])
+    kw = dict(mode=torch.tensor([MODE_EQUAL]), target=torch.tensor([10]),
+              generated=torch.tensor([20]), beta=torch.zeros(1), greedy=torch.tensor([False]),
+              gamma=G, is_stop=is_stop, equal_softness=0.5)
+    free = decide(c, p, **kw)
+    assert 0 < free[0, 0] < 1  # soft equal past the target still samples continuations
+    forced = decide(c, p, must_stop=torch.tensor([True]), **kw)
+    assert forced.tolist() == [[0, 1, 0, 0]]

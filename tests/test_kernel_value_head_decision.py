@@ -196,3 +196,40 @@ def test_at_most_keeps_going_when_only_stop_fits():
     q = want.q.cpu()
     assert q[0, 1] > 0 and q[0, shortest] > 0 and q[0].sum().item() == pytest.approx(1)
     assert q[1].tolist() == [0, 1, 0, 0]
+
+
+@needs_device
+@pytest.mark.parametrize("plausibility,softness", [(0.3, math.inf), (0.0, 2.0), (0.2, 8.0)])
+def test_plausibility_soft_equal_and_forced_stop(plausibility, softness):
+    """The quality-aware knobs: the plausibility floor in every mode, the soft equal rule, and
+    equal rows that must stop (past the overshoot limit) taking their most likely stop slot."""
+    torch.manual_seed(4)
+    B, K, H = 8, 6, 48
+    head = _head(H, 5)
+    hidden = torch.randn(B * (K + 1), H)
+    ids = torch.randint(20, 60, (B, K))
+    ids[2, 4] = 7  # an unlikely stop candidate: exempt from the floor
+    ids[6, 5] = 7  # a must-stop row with a stop slot ...
+    base = torch.softmax(torch.randn(B, K) * 2, -1).sort(-1, descending=True).values
+    valid = torch.ones(B, K, dtype=torch.bool)
+    stop = torch.tensor([[7, -1]] * B)
+    mode = torch.tensor([EQUAL, EQUAL, EQUAL, AT_MOST, AT_LEAST, NONE, EQUAL, EQUAL])
+    generated = torch.full((B,), 2)
+    target = torch.tensor([30, 8, 3, 12, 40, 0, 3, 3])
+    must = torch.tensor([False] * 6 + [True, True])  # ... and one without (row 7)
+    beta = torch.tensor([0.0, 0.0, 0.0, -3.0, 2.0, 1.5, 0.0, 0.0])
+    greedy = torch.tensor([False, True, False, False, False, False, False, False])
+    kw = dict(ids=ids, base_prob=base, valid=valid, stop_ids=stop, has_root=True, mode=mode,
+              target=target, generated=generated, beta=beta, greedy=greedy, gamma=GAMMA,
+              plausibility=plausibility, equal_softness=softness, must_stop=must)
+    got, want = _run_both(hidden, head, **kw)
+    _compare(got, want)
+    q = want.q
+    assert q[6].tolist() == [0, 0, 0, 0, 0, 1]  # forced to its stop slot
+    floor = base < plausibility * base[:, :1]
+    floor[:, 0] = False
+    floor &= ids != 7  # stop tokens always compete
+    assert (q[floor] == 0).all()  # implausible candidates never picked
+    if not math.isinf(softness):
+        assert ((q[0] > 0) & (q[0] < 1)).any()  # soft equal samples
+        assert q[1].max() == 1  # greedy soft equal is deterministic

@@ -90,66 +90,89 @@ def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
 def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: torch.Tensor,
            generated: torch.Tensor, beta: torch.Tensor, greedy: torch.Tensor,
            gamma: float, is_stop: Optional[torch.Tensor] = None,
-           equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> torch.Tensor:
+           equal_distance: str = DEFAULT_EQUAL_DISTANCE, plausibility: float = 0.0,
+           equal_softness: float = math.inf,
+           must_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
     p [B, K] are the LenVM values of prefix + candidate (stop tokens already 0). With
     r = max(target - generated - 1, 0) the budget left after this token and l(x) the predicted
-    remaining length:
-      equal:    one-hot on the x whose l(x) is closest to r (ties: higher base probability),
-                by |ln(1 + l(x)) - ln(1 + r)| (equal_distance "ratio") or |l(x) - r| ("tokens");
+    remaining length, d(x) = |ln(1 + l(x)) - ln(1 + r)| (equal_distance "ratio") or
+    |l(x) - r| ("tokens"):
+      equal:    q(x) ~ base(x) * exp(-equal_softness * d(x)); with equal_softness inf (the
+                default) one-hot on the closest x (ties: higher base probability);
       at_most:  base restricted to l(x) <= r (none: one-hot argmin l); while budget is left
                 (r >= 1) and only stop tokens fit, the shortest non-stop candidate is
                 admissible too (is_stop [B, K] marks the stop slots);
       at_least: base restricted to l(x) >= r (none: one-hot argmax l);
     (l is compared after rounding to the nearest token: l < r + 1/2, l > r - 1/2)
       none:     base over all candidates.
-    then q ~ q * exp(beta * p) (exponential tilting) for the sampling modes, and greedy rows
-    take the argmax of q.
+    Only plausible candidates compete on length: base(x) >= plausibility * max base, plus the
+    most likely candidate and stop tokens (ending is always possible). Then
+    q ~ q * exp(beta * p) (exponential tilting) for the sampling modes; rows with `must_stop`
+    (equal past its overshoot limit) take their most likely stop slot if they have one; greedy
+    rows take the argmax of q.
     """
     valid = cand.valid
     length = remaining_length(p, gamma)
     r = (target - generated - 1).clamp_min(0).float().view(-1, 1)
     inf = torch.full_like(length, float("inf"))
     mode = mode.view(-1, 1)
+    stop = is_stop if is_stop is not None else torch.zeros_like(valid)
+    base_max = torch.where(valid, cand.base_prob, torch.zeros_like(cand.base_prob)).amax(1, True)
+    plausible = valid & ((cand.base_prob >= plausibility * base_max) | stop)
+    plausible[:, 0] |= valid[:, 0]  # slot 0 is the most likely candidate
 
-    # Deterministic choices: equal always, at_most / at_least when nothing is admissible.
     if equal_uses_ratio(equal_distance):
         # The LenVM's errors are relative (a continuation predicted at 100 tokens may well end
         # at 50) and stopping is final while a continuation is steered again next step. In
         # tokens, r = 25 is closer to EOS (0) than to a continuation predicted at 60, so an
         # over-predicting LenVM ends outputs far too early; in ratio it is not (26/1 vs 61/26).
-        dist = torch.where(valid, (torch.log1p(length) - torch.log1p(r)).abs(), inf)
+        dist = torch.where(plausible, (torch.log1p(length) - torch.log1p(r)).abs(), inf)
     else:
-        dist = torch.where(valid, (length - r).abs(), inf)
+        dist = torch.where(plausible, (length - r).abs(), inf)
     # A predicted length fits the budget when it rounds to at most (at least) r tokens.
     admissible = torch.where(mode == MODE_AT_MOST, length < r + 0.5,
                              torch.where(mode == MODE_AT_LEAST, length > r - 0.5,
                                          torch.ones_like(valid)))
-    admissible &= valid
+    admissible &= plausible
     if is_stop is not None:
         # A LenVM that predicts every continuation too long would otherwise leave only EOS
         # admissible and end the output at once, however much budget is left. Keep stopping
         # possible (with its base probability) but also let the shortest continuation in.
-        go_on = valid & ~is_stop
+        go_on = plausible & ~is_stop
         shortest = torch.nn.functional.one_hot(
             torch.where(go_on, length, inf).argmin(dim=1), valid.shape[1]).bool() & go_on
         rescue = (mode == MODE_AT_MOST) & (r >= 0.5) & ~(admissible & go_on).any(1, keepdim=True)
         admissible |= rescue & shortest
     none_ok = ~admissible.any(dim=1, keepdim=True)
-    fallback = torch.where(mode == MODE_AT_MOST, torch.where(valid, length, inf),
-                           torch.where(valid, -length, inf))
-    deterministic = (mode == MODE_EQUAL) | ((mode != 0) & none_ok)
+    fallback = torch.where(mode == MODE_AT_MOST, torch.where(plausible, length, inf),
+                           torch.where(plausible, -length, inf))
+    hard_equal = math.isinf(equal_softness)
+    deterministic = (((mode == MODE_EQUAL) & hard_equal)
+                     | (((mode == MODE_AT_MOST) | (mode == MODE_AT_LEAST)) & none_ok))
     pick_score = torch.where(mode == MODE_EQUAL, dist, fallback)
     # argmin returns the first minimum: slots are sorted by base probability, so ties go to
     # the more likely token.
     one_hot = torch.nn.functional.one_hot(pick_score.argmin(dim=1), valid.shape[1]).bool()
 
-    # Sampling choices: base probabilities over the admissible set, tilted by exp(beta * p).
-    logq = torch.log(cand.base_prob.clamp_min(1e-30)) + beta.view(-1, 1) * p.float()
-    logq = torch.where(admissible, logq, torch.full_like(logq, NEG_INF))
+    # Sampling choices: base probabilities over the admissible set, tilted by exp(beta * p);
+    # soft equal: base probabilities weighed by exp(-softness * d) (d is inf off plausible).
+    log_base = torch.log(cand.base_prob.clamp_min(1e-30))
+    logq = torch.where(admissible, log_base + beta.view(-1, 1) * p.float(),
+                       torch.full_like(log_base, NEG_INF))
+    if not hard_equal:
+        soft = torch.where(plausible, log_base - equal_softness * dist,
+                           torch.full_like(log_base, NEG_INF))
+        logq = torch.where(mode == MODE_EQUAL, soft, logq)
     q = torch.softmax(logq, dim=1)
     q = torch.where(deterministic, one_hot.float(), q)
+    if must_stop is not None:
+        stop_slots = valid & stop
+        best_stop = torch.where(stop_slots, cand.base_prob, torch.full_like(log_base, -1.0))
+        stop_pick = torch.nn.functional.one_hot(best_stop.argmax(dim=1), valid.shape[1]).float()
+        force = must_stop.view(-1, 1) & stop_slots.any(1, keepdim=True)
+        q = torch.where(force, stop_pick, q)
     greedy_pick = torch.nn.functional.one_hot(q.argmax(dim=1), q.shape[1]).float()
     return torch.where(greedy.view(-1, 1), greedy_pick, q)
 
@@ -164,7 +187,9 @@ class HeadDecision:
 
 def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Tensor, *,
                        has_root: bool, mode, target, generated, beta, greedy,
-                       gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE) -> HeadDecision:
+                       gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE,
+                       plausibility: float = 0.0, equal_softness: float = math.inf,
+                       must_stop: Optional[torch.Tensor] = None) -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
     `sglang_lenvm.kernels.value_head_decision` fuses this with the value head on GPU.
@@ -175,7 +200,8 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
     cand_ok = torch.where(cand.valid, torch.isfinite(p_cand), torch.ones_like(cand.valid)).all(1)
     p_cand = torch.nan_to_num(p_cand, nan=0.0)
     q = decide(cand, p_cand, mode=mode, target=target, generated=generated, beta=beta,
-               greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance)
+               greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance,
+               plausibility=plausibility, equal_softness=equal_softness, must_stop=must_stop)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 

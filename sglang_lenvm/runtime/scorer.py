@@ -108,10 +108,11 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
     temps = sampling_info.temperatures.view(-1)[index]
     B = len(rows)
 
-    cand = None
+    cand = must_stop = None
     if state.num_candidates > 0 and any(steer_host):
-        cand = _plan_candidates(worker, logits[index].float(), temps, st, sampling_info, index,
-                                steer, state, rows, seq_lens, forward_batch)
+        cand, must_stop = _plan_candidates(worker, logits[index].float(), temps, st,
+                                           sampling_info, index, steer, state, rows, seq_lens,
+                                           forward_batch)
     K = cand.ids.shape[1] if cand is not None else 0
 
     # The star trees: [root] + candidates. Decode roots are the step's input tokens, written
@@ -142,7 +143,7 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         faults.inject("star", rids)
         if K:
             decision = _values_and_decision(worker, tokens, positions, meta, cand, st, generated,
-                                            rids)
+                                            must_stop, rids)
             p_all = decision.p_all
         else:
             p_all = torch.sigmoid(worker.star(tokens, positions, meta))
@@ -168,8 +169,9 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
 
 
 def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer, state, rows,
-                     seq_lens, forward_batch) -> Candidates:
-    """The steering rows' candidates, plus each row's stop-token slot where it must be one."""
+                     seq_lens, forward_batch):
+    """The steering rows' candidates, plus each row's stop-token slot where it must be one;
+    and which rows must stop (equal past its overshoot limit; None: no row)."""
     host_modes = {state.modes[i] for i in rows if state.steer[i]}
     if worker.candidate_vocab is not None:  # ids past the LenVM's embedding: never candidates
         row_logits[:, worker.candidate_vocab:] = float("-inf")
@@ -185,12 +187,15 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
     cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
     if not worker.use_kernels:
         cand = _drop_unused_slots(cand)
-    if MODE_AT_MOST in host_modes or (
-            MODE_EQUAL in host_modes and _equal_stop_near(state, forward_batch, rows)):
+    must_stop = None
+    equal_near = MODE_EQUAL in host_modes and _equal_stop_near(state, forward_batch, rows)
+    if MODE_AT_MOST in host_modes or equal_near:
         stop_rows = (st.mode == MODE_AT_MOST) & steer
-        stop_rows |= (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
+        if equal_near:
+            must_stop = (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
+            stop_rows |= must_stop
         cand = _with_stop_candidate(cand, probs_of, st.stop_ids, stop_rows)
-    return cand
+    return cand, must_stop
 
 
 def _with_stop_candidate(cand: Candidates, probs_of, stop_ids: torch.Tensor,
@@ -250,12 +255,14 @@ def _candidates(worker, row_logits, temps, st, sampling_info, index, K):
     return cand, lambda ids: torch.softmax(row_logits / temps.view(-1, 1), dim=-1).gather(1, ids)
 
 
-def _values_and_decision(worker, tokens, positions, meta, cand, st, generated,
+def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, must_stop,
                          rids) -> HeadDecision:
     """One LenVM star forward, the value head and the decision (fused Triton on GPU)."""
+    cfg = worker.config
     kw = dict(has_root=meta.has_root, mode=st.mode, target=st.target, generated=generated,
               beta=st.beta, greedy=st.greedy, gamma=worker.gamma,
-              equal_distance=worker.config.equal_distance)
+              equal_distance=cfg.equal_distance, plausibility=cfg.plausibility,
+              equal_softness=cfg.equal_softness, must_stop=must_stop)
     if worker.use_kernels:
         from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 

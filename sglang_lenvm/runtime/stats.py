@@ -23,6 +23,10 @@ def worker_stats(worker, scheduler) -> dict:
         # JSON has no infinity: null means `equal` is never stopped past its target.
         "equal_max_overshoot": (worker.config.equal_max_overshoot
                                 if math.isfinite(worker.config.equal_max_overshoot) else None),
+        "plausibility": worker.config.plausibility,
+        # null: inf, the deterministic closest candidate
+        "equal_softness": (worker.config.equal_softness
+                           if math.isfinite(worker.config.equal_softness) else None),
         **worker.stats,
         **faults.counters,  # LenVM failures isolated, requests that went on unguided
         "kv_pool_tokens": int(worker.runner.max_total_num_tokens),

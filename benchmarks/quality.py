@@ -1,0 +1,80 @@
+"""What following a length costs the text, measured beside every length score.
+
+For one output (token ids of prompt and completion, and its text):
+- `nll`: the base model's mean negative log-likelihood per generated token (nats), scored by
+  the server itself: /generate over prompt + output with input logprobs from the prompt's last
+  token on (`logprob_start_len` = len(prompt) - 1) and no new token, so no second model is
+  loaded. The server's base model is the model that wrote the text; its distribution here is
+  the raw one (temperature 1, no truncation, no guidance).
+- `off_top3`: the share of generated tokens that were not among the base model's 3 most
+  likely tokens at their position (same scoring request, `top_logprobs_num` = 3).
+- `repetitive`: whether some 3-unit phrase occurs 3 or more times in the text (units: words
+  split on whitespace for English, CJK characters for Chinese, punctuation ignored).
+Summaries average `nll` over tokens within an output, then over outputs (every output counts
+once); `repetition` is the share of repetitive outputs, `off_top3` the share of tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable, Optional
+
+from benchmarks import common
+
+CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
+
+
+def units(text: str) -> list[str]:
+    """Words (lowercased) outside CJK runs, one unit per CJK character."""
+    out = []
+    for piece in WORD.findall(text.lower()):
+        if CJK.search(piece):
+            out.extend(ch for ch in piece if not ch.isspace())
+        else:
+            out.append(piece)
+    return out
+
+
+def repetitive(text: str, n: int = 3, times: int = 3) -> bool:
+    u = units(text)
+    grams = Counter(tuple(u[i:i + n]) for i in range(len(u) - n + 1))
+    return any(c >= times for c in grams.values())
+
+
+def score_tokens(url: str, prompt_ids: list[int], output_ids: list[int]) -> dict:
+    """The base model's view of an output: mean NLL per token and the off-top-3 share."""
+    if not output_ids:
+        return {"nll": None, "off_top3": None, "scored_tokens": 0}
+    r = common.post(url, "/generate", {
+        "input_ids": list(prompt_ids) + list(output_ids),
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1,
+        "top_logprobs_num": 3})
+    meta = r["meta_info"]
+    logprobs = meta["input_token_logprobs"][1:]  # entry 0 is the prompt's last token
+    tops = meta["input_top_logprobs"][1:]
+    if len(logprobs) != len(output_ids):
+        raise RuntimeError(f"scored {len(logprobs)} of {len(output_ids)} output tokens")
+    nll = [-lp[0] for lp in logprobs]
+    off = [tok not in {t[1] for t in (top or [])} for tok, top in zip(output_ids, tops)]
+    return {"nll": sum(nll) / len(nll), "off_top3": sum(off) / len(off),
+            "scored_tokens": len(nll)}
+
+
+def measure(url: str, prompt_ids: list[int], output_ids: list[int], text: str) -> dict:
+    return {**score_tokens(url, prompt_ids, output_ids), "repetitive": repetitive(text)}
+
+
+def summarize(records: Iterable[dict]) -> dict:
+    recs = [r for r in records if r.get("nll") is not None]
+    tokens = sum(r["scored_tokens"] for r in recs)
+    return {"nll": common.mean(r["nll"] for r in recs),
+            "repetition": common.mean(float(r["repetitive"]) for r in recs),
+            "off_top3": (sum(r["off_top3"] * r["scored_tokens"] for r in recs) / tokens
+                         if tokens else None)}
+
+
+def gap(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a - b
