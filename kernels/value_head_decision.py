@@ -88,7 +88,7 @@ def _log1p_neg(x):
 def _decision_kernel(
     ZPART, SUMMARY_BIAS, IDS, BASE, VALID, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
     MUST_STOP, P_ALL, P_CAND, Q, CAND_OK,
-    n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness,
+    n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness, end_pull,
     stride_zp, stride_ids, stride_base, stride_valid, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -172,6 +172,11 @@ def _decision_kernel(
     if SOFT_EQUAL:
         soft = tl.where(plausible, log_base - softness * dist, float("-inf"))
         logq = tl.where(mode == 1, soft, logq)
+    # at_least past its target: a soft pull toward ending (decide())
+    past = (mode == 3) & (tl.load(GENERATED + b) + 1 >= tl.load(TARGET + b)) & (end_pull > 0)
+    pull = log_base + tl.load(BETA + b) * p - end_pull * tl.log(1.0 + length)
+    logq = tl.where(past, tl.where(plausible, pull, float("-inf")), logq)
+    deterministic = deterministic & ~past
     e = tl.exp(logq - tl.max(logq, 0))
     q = e / tl.sum(e, 0)
     q = tl.where(deterministic, one_hot, q)
@@ -233,7 +238,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
                                generated, beta, greedy, gamma: float,
                                equal_distance: str = DEFAULT_EQUAL_DISTANCE,
                                plausibility: float = 0.0, equal_softness: float = math.inf,
-                               must_stop=None) -> HeadDecision:
+                               at_least_end_pull: float = 0.0, must_stop=None) -> HeadDecision:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
@@ -263,7 +268,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         zpart, summary_bias.reshape(-1).float(), ids, base_prob, valid, stop_ids, mode, target,
         generated, beta, greedy, must, p_all, p_cand, q, cand_ok,
         zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma), float(plausibility),
-        float(equal_softness) if soft else 0.0,
+        float(equal_softness) if soft else 0.0, float(at_least_end_pull),
         zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),
         ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
@@ -280,6 +285,7 @@ def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, su
                                   generated, beta, greedy, gamma: float,
                                   equal_distance: str = DEFAULT_EQUAL_DISTANCE,
                                   plausibility: float = 0.0, equal_softness: float = math.inf,
+                                  at_least_end_pull: float = 0.0,
                                   must_stop=None) -> HeadDecision:
     """The torch path of the scorer: ValueHead math, sigmoid, then `decide_from_values`."""
     B, K = ids.shape
@@ -291,4 +297,5 @@ def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, su
                               stop_ids, has_root=has_root, mode=mode, target=target,
                               generated=generated, beta=beta, greedy=greedy, gamma=gamma,
                               equal_distance=equal_distance, plausibility=plausibility,
-                              equal_softness=equal_softness, must_stop=must_stop)
+                              equal_softness=equal_softness,
+                              at_least_end_pull=at_least_end_pull, must_stop=must_stop)

@@ -28,6 +28,8 @@ DEFAULT_EQUAL_MAX_OVERSHOOT = 0.25
 DEFAULT_PLAUSIBILITY = 0.0
 # equal samples q(x) ~ p(x) exp(-softness * d(x)), d the length distance; inf: the closest.
 DEFAULT_EQUAL_SOFTNESS = math.inf
+# at_least past its target: q(x) ~ p(x) (1 + l(x))^-pull, a pull toward ending; 0: none.
+DEFAULT_AT_LEAST_END_PULL = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,8 @@ class LenVMConfig:
     plausibility: float = DEFAULT_PLAUSIBILITY
     # equal: lambda of the soft rule (inf: deterministic closest candidate)
     equal_softness: float = DEFAULT_EQUAL_SOFTNESS
+    # at_least: the pull toward ending once the target is reached (0: none)
+    at_least_end_pull: float = DEFAULT_AT_LEAST_END_PULL
 
     def __post_init__(self):
         if self.gamma is not None and not (0.0 < self.gamma < 1.0 and math.isfinite(self.gamma)):
@@ -61,6 +65,9 @@ class LenVMConfig:
                              f"got {self.equal_max_overshoot}")
         if not 0.0 <= self.plausibility <= 1.0:
             raise ValueError(f"--lenvm-plausibility must be in [0, 1], got {self.plausibility}")
+        if not (0.0 <= self.at_least_end_pull < math.inf):
+            raise ValueError(f"--lenvm-at-least-end-pull must be a finite number >= 0, "
+                             f"got {self.at_least_end_pull}")
         if not self.equal_softness >= 0.0:
             raise ValueError(f"--lenvm-equal-softness must be >= 0 (inf: the closest candidate), "
                              f"got {self.equal_softness}")

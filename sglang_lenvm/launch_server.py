@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from sglang_lenvm.config import (
+    DEFAULT_AT_LEAST_END_PULL,
     DEFAULT_EQUAL_DISTANCE,
     DEFAULT_EQUAL_MAX_OVERSHOOT,
     DEFAULT_EQUAL_SOFTNESS,
@@ -63,6 +64,10 @@ def _our_parser() -> argparse.ArgumentParser:
                    help="length_mode=equal samples q(x) ~ p(x) exp(-LAMBDA d(x)), d the "
                         "distance of x's predicted length to the budget ('inf': the closest "
                         "candidate, deterministically)")
+    g.add_argument("--lenvm-at-least-end-pull", type=float, default=DEFAULT_AT_LEAST_END_PULL,
+                   metavar="MU",
+                   help="once a length_mode=at_least output has its target, q(x) ~ p(x) "
+                        "(1 + l(x))^-MU: a pull toward ending (0: none)")
     g.add_argument("--lenvm-equal-max-overshoot", type=float, default=DEFAULT_EQUAL_MAX_OVERSHOOT,
                    metavar="F",
                    help="once a length_mode=equal output is F x its target past the target, "
@@ -133,7 +138,8 @@ def prepare(argv: List[str]):
                              top_k=ours.lenvm_top_k, equal_distance=ours.lenvm_equal_distance,
                              equal_max_overshoot=ours.lenvm_equal_max_overshoot,
                              plausibility=ours.lenvm_plausibility,
-                             equal_softness=ours.lenvm_equal_softness)
+                             equal_softness=ours.lenvm_equal_softness,
+                             at_least_end_pull=ours.lenvm_at_least_end_pull)
         config.to_env()
     else:
         os.environ.pop("SGLANG_LENVM_CONFIG", None)

@@ -262,3 +262,19 @@ def test_must_stop_takes_the_most_likely_stop_slot():
     assert 0 < free[0, 0] < 1  # soft equal past the target still samples continuations
     forced = decide(c, p, must_stop=torch.tensor([True]), **kw)
     assert forced.tolist() == [[0, 1, 0, 0]]
+
+
+def test_at_least_pulls_toward_ending_past_its_target():
+    c = cand([[0.6, 0.3, 0.1]])
+    is_stop = torch.tensor([[False, False, True]])
+    lengths = [[40, 5, 0]]
+    p = p_of(lengths)
+    kw = dict(mode=torch.tensor([MODE_AT_LEAST]), target=torch.tensor([10]), beta=torch.zeros(1),
+              greedy=torch.tensor([False]), gamma=G, is_stop=is_stop, at_least_end_pull=1.0)
+    before = decide(c, p, generated=torch.tensor([3]), **kw)  # r = 6: only slot 0 fits
+    assert before.tolist() == [[1, 0, 0]]
+    after = decide(c, p, generated=torch.tensor([9]), **kw)  # the 10th token: free to end
+    want = torch.tensor([0.6 / 41, 0.3 / 6, 0.1 / 1])
+    assert torch.allclose(after[0], want / want.sum(), atol=1e-4)
+    free = decide(c, p, generated=torch.tensor([9]), **{**kw, "at_least_end_pull": 0.0})
+    assert torch.allclose(free[0], torch.tensor([0.6, 0.3, 0.1]), atol=1e-6)

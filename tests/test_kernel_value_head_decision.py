@@ -199,10 +199,12 @@ def test_at_most_keeps_going_when_only_stop_fits():
 
 
 @needs_device
-@pytest.mark.parametrize("plausibility,softness", [(0.3, math.inf), (0.0, 2.0), (0.2, 8.0)])
-def test_plausibility_soft_equal_and_forced_stop(plausibility, softness):
-    """The quality-aware knobs: the plausibility floor in every mode, the soft equal rule, and
-    equal rows that must stop (past the overshoot limit) taking their most likely stop slot."""
+@pytest.mark.parametrize("plausibility,softness,pull", [(0.3, math.inf, 0.0), (0.0, 2.0, 0.5),
+                                                        (0.2, 8.0, 2.0)])
+def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull):
+    """The quality-aware knobs: the plausibility floor in every mode, the soft equal rule,
+    equal rows that must stop (past the overshoot limit) taking their most likely stop slot,
+    and at_least's pull toward ending past its target (row 7)."""
     torch.manual_seed(4)
     B, K, H = 8, 6, 48
     head = _head(H, 5)
@@ -213,15 +215,16 @@ def test_plausibility_soft_equal_and_forced_stop(plausibility, softness):
     base = torch.softmax(torch.randn(B, K) * 2, -1).sort(-1, descending=True).values
     valid = torch.ones(B, K, dtype=torch.bool)
     stop = torch.tensor([[7, -1]] * B)
-    mode = torch.tensor([EQUAL, EQUAL, EQUAL, AT_MOST, AT_LEAST, NONE, EQUAL, EQUAL])
+    mode = torch.tensor([EQUAL, EQUAL, EQUAL, AT_MOST, AT_LEAST, NONE, EQUAL, AT_LEAST])
     generated = torch.full((B,), 2)
     target = torch.tensor([30, 8, 3, 12, 40, 0, 3, 3])
-    must = torch.tensor([False] * 6 + [True, True])  # ... and one without (row 7)
+    must = torch.tensor([False] * 6 + [True, False])
     beta = torch.tensor([0.0, 0.0, 0.0, -3.0, 2.0, 1.5, 0.0, 0.0])
     greedy = torch.tensor([False, True, False, False, False, False, False, False])
     kw = dict(ids=ids, base_prob=base, valid=valid, stop_ids=stop, has_root=True, mode=mode,
               target=target, generated=generated, beta=beta, greedy=greedy, gamma=GAMMA,
-              plausibility=plausibility, equal_softness=softness, must_stop=must)
+              plausibility=plausibility, equal_softness=softness, at_least_end_pull=pull,
+              must_stop=must)
     got, want = _run_both(hidden, head, **kw)
     _compare(got, want)
     q = want.q

@@ -91,7 +91,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
            generated: torch.Tensor, beta: torch.Tensor, greedy: torch.Tensor,
            gamma: float, is_stop: Optional[torch.Tensor] = None,
            equal_distance: str = DEFAULT_EQUAL_DISTANCE, plausibility: float = 0.0,
-           equal_softness: float = math.inf,
+           equal_softness: float = math.inf, at_least_end_pull: float = 0.0,
            must_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
@@ -104,7 +104,9 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
       at_most:  base restricted to l(x) <= r (none: one-hot argmin l); while budget is left
                 (r >= 1) and only stop tokens fit, the shortest non-stop candidate is
                 admissible too (is_stop [B, K] marks the stop slots);
-      at_least: base restricted to l(x) >= r (none: one-hot argmax l);
+      at_least: base restricted to l(x) >= r (none: one-hot argmax l); from the target on
+                (stop tokens allowed), base(x) * (1 + l(x))^-at_least_end_pull over the
+                plausible candidates: a pull toward ending (0: none, the output runs free);
     (l is compared after rounding to the nearest token: l < r + 1/2, l > r - 1/2)
       none:     base over all candidates.
     Only plausible candidates compete on length: base(x) >= plausibility * max base, plus the
@@ -165,6 +167,15 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
         soft = torch.where(plausible, log_base - equal_softness * dist,
                            torch.full_like(log_base, NEG_INF))
         logq = torch.where(mode == MODE_EQUAL, soft, logq)
+    if at_least_end_pull > 0:
+        # Past its target an at_least output is free to end; a 135M model that was kept from
+        # stopping tends to ramble on into loops. Pull toward ending, softly.
+        past = (mode == MODE_AT_LEAST) & (generated.view(-1, 1) + 1 >= target.view(-1, 1))
+        pull = torch.where(plausible, log_base + beta.view(-1, 1) * p.float()
+                           - at_least_end_pull * torch.log1p(length),
+                           torch.full_like(log_base, NEG_INF))
+        logq = torch.where(past, pull, logq)
+        deterministic = deterministic & ~past
     q = torch.softmax(logq, dim=1)
     q = torch.where(deterministic, one_hot.float(), q)
     if must_stop is not None:
@@ -189,6 +200,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                        has_root: bool, mode, target, generated, beta, greedy,
                        gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE,
                        plausibility: float = 0.0, equal_softness: float = math.inf,
+                       at_least_end_pull: float = 0.0,
                        must_stop: Optional[torch.Tensor] = None) -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
@@ -201,7 +213,8 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
     p_cand = torch.nan_to_num(p_cand, nan=0.0)
     q = decide(cand, p_cand, mode=mode, target=target, generated=generated, beta=beta,
                greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance,
-               plausibility=plausibility, equal_softness=equal_softness, must_stop=must_stop)
+               plausibility=plausibility, equal_softness=equal_softness,
+               at_least_end_pull=at_least_end_pull, must_stop=must_stop)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 

@@ -262,7 +262,8 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, m
     kw = dict(has_root=meta.has_root, mode=st.mode, target=st.target, generated=generated,
               beta=st.beta, greedy=st.greedy, gamma=worker.gamma,
               equal_distance=cfg.equal_distance, plausibility=cfg.plausibility,
-              equal_softness=cfg.equal_softness, must_stop=must_stop)
+              equal_softness=cfg.equal_softness, at_least_end_pull=cfg.at_least_end_pull,
+              must_stop=must_stop)
     if worker.use_kernels:
         from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 

@@ -24,6 +24,7 @@ def worker_stats(worker, scheduler) -> dict:
         "equal_max_overshoot": (worker.config.equal_max_overshoot
                                 if math.isfinite(worker.config.equal_max_overshoot) else None),
         "plausibility": worker.config.plausibility,
+        "at_least_end_pull": worker.config.at_least_end_pull,
         # null: inf, the deterministic closest candidate
         "equal_softness": (worker.config.equal_softness
                            if math.isfinite(worker.config.equal_softness) else None),

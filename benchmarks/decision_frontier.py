@@ -1,0 +1,142 @@
+"""Length score against text quality for each decision rule: the frontier a default is picked on.
+
+    python -m benchmarks.decision_frontier --demo --rules 0:inf 0.1:inf 0.1:4 --modes equal
+    python -m benchmarks.decision_frontier --tiny --limit 2 --targets 8 --rules 0:inf 0.2:2
+
+A rule is `ALPHA:LAMBDA`: the server's --lenvm-plausibility ALPHA and --lenvm-equal-softness
+LAMBDA (`inf`: the deterministic closest candidate). For each rule a server is started with it
+(one at a time: a 2-core machine cannot time two) and `benchmarks.length_following` runs its
+`lenvm` requests; the prompt-only `baseline` runs once, on the first server (it does not
+involve the LenVM). Everything else (prompts, targets, sampling, metrics) is exactly
+length_following's: LIFEBench's length score, and beside it the base model's NLL per generated
+token, the share of repetitive outputs and the share of tokens outside the base model's top 3
+(benchmarks/quality.py). The plot shows, per mode, length score against NLL for every rule,
+the baseline, and the bar of issue 14's goal (baseline NLL + 0.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from benchmarks import common, length_following, quality
+
+
+def parse_rule(text: str) -> tuple[float, float]:
+    try:
+        alpha, lam = text.split(":")
+        return float(alpha), float(lam)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rule is ALPHA:LAMBDA, got {text!r}") from None
+
+
+def rule_name(alpha: float, lam: float) -> str:
+    return f"a={alpha:g} l={'inf' if math.isinf(lam) else f'{lam:g}'}"
+
+
+def run_rule(args, ap, rows, wording, alpha, lam, with_baseline: bool) -> dict:
+    sub = argparse.Namespace(**vars(args))
+    sub.server_arg = [*args.server_arg, "--lenvm-plausibility", str(alpha),
+                      "--lenvm-equal-softness", str(lam)]
+    sub.runs = ["baseline", "lenvm"] if with_baseline else ["lenvm"]
+    with common.lenvm_server(sub, ap) as srv:
+        url = srv["url"]
+        reqs = length_following.make_requests(rows, wording, sub, common.model_name(url))
+        errors = []
+        records = common.parallel_map(lambda q: length_following.run_one(url, q), reqs,
+                                      args.concurrency, rule_name(alpha, lam), errors)
+        server = common.server_info(url)
+    records = [r for r in records if r is not None]
+    return {"alpha": alpha, "lambda": lam if math.isfinite(lam) else None, "server": server,
+            "summary": length_following.summarize(records, sub), "records": records,
+            "errors": errors}
+
+
+def plot(result: dict, path) -> None:
+    plt = common.pyplot()
+    modes = result["settings"]["modes"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.8 * len(modes), 4), squeeze=False)
+    base = result["baseline"]
+    for ax, mode in zip(axes[0], modes):
+        for rule in result["rules"]:
+            avg = rule["summary"]["averages"]["lenvm"][mode]
+            if avg["ls"] is None or avg["nll"] is None:
+                continue
+            ax.plot(avg["nll"], avg["ls"], "o")
+            ax.annotate(rule_name(rule["alpha"], rule["lambda"] or math.inf),
+                        (avg["nll"], avg["ls"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        b = base.get(mode) or {}
+        if b.get("nll") is not None:
+            ax.plot(b["nll"], b["ls"], "ks", label="prompt only")
+            ax.axvline(b["nll"] + 0.2, color="grey", ls="--", lw=0.8, label="baseline + 0.2")
+        ax.set_xlabel("base-model NLL per token (nats)")
+        ax.set_ylabel("length score")
+        ax.set_title(mode)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['prompt_set']} — {common.machine_line(result['machine'])}",
+                 fontsize=8)
+    common.save_figure(fig, path)
+
+
+def report(result: dict) -> str:
+    st = result["settings"]
+    out = [common.machine_line(result["machine"]), f"prompts: {result['prompt_set']}", ""]
+    rows = []
+    for mode in st["modes"]:
+        b = result["baseline"].get(mode) or {}
+        rows.append(["prompt only", mode, b.get("ls"), b.get("nll"), None,
+                     length_following.pct(b.get("repetition")),
+                     length_following.pct(b.get("off_top3"))])
+        for rule in result["rules"]:
+            a = rule["summary"]["averages"]["lenvm"][mode]
+            rows.append([rule_name(rule["alpha"], rule["lambda"] or math.inf), mode, a["ls"],
+                         a["nll"], quality.gap(a["nll"], b.get("nll")),
+                         length_following.pct(a["repetition"]),
+                         length_following.pct(a["off_top3"])])
+    out.append(common.md_table(["rule", "mode", "LS avg", "NLL/token", "NLL gap",
+                                "repetitive", "off top-3"], rows))
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    ap = common.parser(__doc__)
+    ap.add_argument("--rules", type=parse_rule, nargs="+", required=True,
+                    help="ALPHA:LAMBDA rules (plausibility floor : equal softness)")
+    ap.add_argument("--lifebench", help="LIFEBench JSONL instead of our prompt set")
+    ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"))
+    ap.add_argument("--limit", type=int, help="N prompts spread evenly over the file")
+    ap.add_argument("--targets", type=int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--modes", nargs="+", choices=length_following.MODES,
+                    default=list(length_following.MODES))
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=0.999)
+    ap.add_argument("--top-k", type=int, default=15)
+    ap.add_argument("--max-tokens-factor", type=float, default=4.0)
+    ap.add_argument("--system", help="a system message before each prompt")
+    ap.add_argument("--extra-body", type=lambda s: __import__("json").loads(s), default={})
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", default=str(common.RESULTS / "decision_frontier.json"))
+    args = ap.parse_args(argv)
+    if args.base_url:
+        ap.error("decision_frontier starts its own servers (--demo, --tiny or a pair)")
+
+    path = args.lifebench or args.prompts
+    rows = common.spread(common.load_jsonl(path), args.limit)
+    wording = (length_following.LIFEBENCH_WORDING if args.lifebench
+               else length_following.OUR_WORDING)
+    result = {**common.header(args), "prompt_set": path, "n_prompts": len(rows), "rules": []}
+    for i, (alpha, lam) in enumerate(args.rules):
+        run = run_rule(args, ap, rows, wording, alpha, lam, with_baseline=i == 0)
+        if i == 0:
+            result["baseline"] = {m: run["summary"]["averages"]["baseline"][m]
+                                  for m in args.modes}
+            result["baseline_records"] = [r for r in run["records"] if r["run"] == "baseline"]
+            run["records"] = [r for r in run["records"] if r["run"] == "lenvm"]
+        result["rules"].append(run)
+        common.write_json(args.out, result)  # partial results survive an interrupted sweep
+    return common.finish(result, args.out, plot, report)
+
+
+if __name__ == "__main__":
+    main()
