@@ -2,6 +2,7 @@
 
     python -m benchmarks.decision_frontier --demo --rules 0:inf 0.1:inf 0.1:4 --modes equal
     python -m benchmarks.decision_frontier --tiny --limit 2 --targets 8 --rules 0:inf 0.2:2
+    python -m benchmarks.decision_frontier --base-url URL   # one point: the server's own rule
 
 A rule is `ALPHA:LAMBDA`: the server's --lenvm-plausibility ALPHA and --lenvm-equal-softness
 LAMBDA (`inf`: the deterministic closest candidate). For each rule a server is started with it
@@ -34,18 +35,24 @@ def rule_name(alpha: float, lam: float) -> str:
     return f"a={alpha:g} l={'inf' if math.isinf(lam) else f'{lam:g}'}"
 
 
-def run_rule(args, ap, rows, wording, alpha, lam, with_baseline: bool) -> dict:
+def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
+    """One rule's requests (and the baseline's); rule None: a running server's own rule."""
     sub = argparse.Namespace(**vars(args))
-    sub.server_arg = [*args.server_arg, "--lenvm-plausibility", str(alpha),
-                      "--lenvm-equal-softness", str(lam)]
+    if rule is not None:
+        sub.server_arg = [*args.server_arg, "--lenvm-plausibility", str(rule[0]),
+                          "--lenvm-equal-softness", str(rule[1])]
     sub.runs = ["baseline", "lenvm"] if with_baseline else ["lenvm"]
     with common.lenvm_server(sub, ap) as srv:
         url = srv["url"]
+        server = common.server_info(url)
+        lenvm = server.get("lenvm") or {}
+        alpha = lenvm.get("plausibility", 0.0)
+        lam = lenvm.get("equal_softness")
+        lam = math.inf if lam is None else lam
         reqs = length_following.make_requests(rows, wording, sub, common.model_name(url))
         errors = []
         records = common.parallel_map(lambda q: length_following.run_one(url, q), reqs,
                                       args.concurrency, rule_name(alpha, lam), errors)
-        server = common.server_info(url)
     records = [r for r in records if r is not None]
     return {"alpha": alpha, "lambda": lam if math.isfinite(lam) else None, "server": server,
             "summary": length_following.summarize(records, sub), "records": records,
@@ -101,8 +108,9 @@ def report(result: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = common.parser(__doc__)
-    ap.add_argument("--rules", type=parse_rule, nargs="+", required=True,
-                    help="ALPHA:LAMBDA rules (plausibility floor : equal softness)")
+    ap.add_argument("--rules", type=parse_rule, nargs="+",
+                    help="ALPHA:LAMBDA rules (plausibility floor : equal softness); one server "
+                         "each (not with --base-url, which measures the server's own rule)")
     ap.add_argument("--lifebench", help="LIFEBench JSONL instead of our prompt set")
     ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"))
     ap.add_argument("--limit", type=int, help="N prompts spread evenly over the file")
@@ -118,16 +126,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", default=str(common.RESULTS / "decision_frontier.json"))
     args = ap.parse_args(argv)
-    if args.base_url:
-        ap.error("decision_frontier starts its own servers (--demo, --tiny or a pair)")
+    if args.base_url and args.rules:
+        ap.error("--rules starts a server per rule: give --demo, --tiny or a pair, not --base-url")
+    if not args.base_url and not args.rules:
+        ap.error("give --rules (or --base-url for the running server's own rule)")
 
     path = args.lifebench or args.prompts
     rows = common.spread(common.load_jsonl(path), args.limit)
     wording = (length_following.LIFEBENCH_WORDING if args.lifebench
                else length_following.OUR_WORDING)
     result = {**common.header(args), "prompt_set": path, "n_prompts": len(rows), "rules": []}
-    for i, (alpha, lam) in enumerate(args.rules):
-        run = run_rule(args, ap, rows, wording, alpha, lam, with_baseline=i == 0)
+    for i, rule in enumerate(args.rules or [None]):
+        run = run_rule(args, ap, rows, wording, rule, with_baseline=i == 0)
         if i == 0:
             result["baseline"] = {m: run["summary"]["averages"]["baseline"][m]
                                   for m in args.modes}

@@ -17,11 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import latency, length_following, length_tokens, prediction, tradeoff
+from benchmarks import (
+    decision_frontier,
+    latency,
+    length_following,
+    length_tokens,
+    prediction,
+    quality,
+    tradeoff,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["latency", "length_following", "prediction", "tradeoff", "length_tokens",
-           "guided_overhead"]
+           "guided_overhead", "decision_frontier"]
 
 
 def finite(x) -> bool:
@@ -160,6 +168,13 @@ def test_length_following_smoke(server, tmp_path):
                 assert c["n"] + c["dropped"] == 2
                 if c["n"]:
                     assert 0 <= c["ls"] <= 100 and c["deviation"] >= 0
+    for r in data["records"]:  # quality beside every length
+        assert finite(r["nll"]) and r["nll"] > 0 and 0 <= r["off_top3"] <= 1
+        assert r["scored_tokens"] == r["length"] and isinstance(r["repetitive"], bool)
+    for run in ("baseline", "lenvm"):
+        for avg in s["averages"][run].values():
+            assert finite(avg["nll"]) and 0 <= avg["repetition"] <= 1
+    assert set(s["nll_gap"]) == {"equal", "at_most", "at_least"}
     # The guarantees of at_most / at_least hold whatever the LenVM (the tiny one is random).
     assert all(c["ls"] == 100 for c in s["cells"]["lenvm"]["at_most"].values() if c["n"])
     assert all(c["ls"] == 100 for c in s["cells"]["lenvm"]["at_least"].values() if c["n"])
@@ -181,6 +196,29 @@ def test_length_following_reads_lifebench_format(server, tmp_path):
     data = check_output(out)
     assert data["prompt_set"] == str(path) and len(data["records"]) == 4
     assert {r["lang"] for r in data["records"]} == {"en", "cn"}
+
+
+def test_repetition_units_and_rule():
+    assert quality.units("The sea, the SEA!") == ["the", "sea", "the", "sea"]
+    assert quality.units("大海很大") == ["大", "海", "很", "大"]
+    assert quality.repetitive("a b c a b c a b c") and not quality.repetitive("a b c a b c")
+    assert quality.repetitive("我爱你。我爱你。我爱你。")
+    assert not quality.repetitive("one two three four five six seven eight nine")
+
+
+def test_decision_frontier_smoke(server, tmp_path):
+    out = tmp_path / "df.json"
+    decision_frontier.main(["--base-url", server.url, "--limit", "2", "--targets", "4",
+                            "--modes", "equal", "at_least", "--max-tokens-factor", "2",
+                            "--out", str(out)])
+    data = check_output(out)
+    (rule,) = data["rules"]
+    lenvm = rule["server"]["lenvm"]  # the server's own rule, as it reports it
+    assert rule["alpha"] == lenvm["plausibility"] and rule["lambda"] == lenvm["equal_softness"]
+    for mode in ("equal", "at_least"):
+        avg = rule["summary"]["averages"]["lenvm"][mode]
+        assert 0 <= avg["ls"] <= 100 and finite(avg["nll"])
+        assert finite(data["baseline"][mode]["nll"])
 
 
 def test_prediction_smoke(server, tmp_path):
