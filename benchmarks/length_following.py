@@ -144,14 +144,15 @@ def summarize(records: list[dict], args) -> dict:
                 per_tl = [cell([r for r in sel if r["target"] == t and r["lang"] == lang])
                           for t in args.targets]
                 by_lang.setdefault(run, {}).setdefault(mode, {})[lang] = average(per_tl)
-    improvement, nll_gap = {}, {}
+    improvement, nll_gap, head_gap = {}, {}, {}
     if set(RUNS) <= set(args.runs):
         for mode in args.modes:
             a, b = averages["lenvm"][mode], averages["baseline"][mode]
             improvement[mode] = quality.gap(a["ls"], b["ls"])
             nll_gap[mode] = quality.gap(a["nll"], b["nll"])
+            head_gap[mode] = quality.gap(a["nll_head"], b["nll_head"])
     return {"cells": cells, "averages": averages, "averages_by_lang": by_lang,
-            "ls_improvement": improvement, "nll_gap": nll_gap}
+            "ls_improvement": improvement, "nll_gap": nll_gap, "nll_head_gap": head_gap}
 
 
 def average(cells) -> dict:
@@ -218,18 +219,21 @@ def report(result: dict) -> str:
             avg = s["averages"][run][mode]
             rows.append([run, mode] + [per_t[str(t)]["ls"] for t in st["targets"]] +
                         [avg["ls"], pct(avg["deviation"]) if mode == "equal" else None,
-                         avg["nll"], pct(avg["repetition"]), pct(avg["off_top3"]),
+                         avg["nll"], avg["nll_head"], pct(avg["repetition"]),
+                         pct(avg["off_top3"]),
                          sum(c["dropped"] for c in per_t.values()),
                          sum(c["truncated"] for c in per_t.values())])
     out.append(common.md_table(["run", "mode"] + [f"LS@{t}" for t in st["targets"]] +
-                               ["LS avg", "deviation (equal)", "NLL/token", "repetitive",
-                                "off top-3", "dropped (L<=1)", "cut"], rows))
+                               ["LS avg", "deviation (equal)", "NLL/token",
+                                "NLL, first N tokens", "repetitive", "off top-3",
+                                "dropped (L<=1)", "cut"], rows))
     if s["ls_improvement"]:
         out += ["", "LS improvement (lenvm - baseline): " + ", ".join(
             f"{m} {v:+.1f}" if v is not None else f"{m} –"
             for m, v in s["ls_improvement"].items())]
-        out += ["NLL gap (lenvm - baseline, nats/token): " + ", ".join(
-            f"{m} {v:+.2f}" if v is not None else f"{m} –" for m, v in s["nll_gap"].items())]
+        for key, what in (("nll_gap", "NLL gap"), ("nll_head_gap", "NLL gap, first N tokens")):
+            out += [f"{what} (lenvm - baseline, nats/token): " + ", ".join(
+                f"{m} {v:+.2f}" if v is not None else f"{m} –" for m, v in s[key].items())]
     if result["errors"]:
         out += ["", f"{len(result['errors'])} request(s) failed, see `errors` in the JSON"]
     return "\n".join(out)

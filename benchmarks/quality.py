@@ -12,6 +12,10 @@ For one output (token ids of prompt and completion, and its text):
   split on whitespace for English, CJK characters for Chinese, punctuation ignored).
 Summaries average `nll` over tokens within an output, then over outputs (every output counts
 once); `repetition` is the share of repetitive outputs, `off_top3` the share of tokens.
+`nll_head` is the same NLL over each output's first `target` tokens only: outputs that ramble
+on into loops (a small model's prompt-only baseline runs to max_tokens often) have a low NLL
+because loops are likely text, so the head compares texts of the length that was asked for.
+Records keep `nll_tokens` (per token, 3 decimals) for any other cut.
 """
 
 from __future__ import annotations
@@ -60,17 +64,24 @@ def score_tokens(url: str, prompt_ids: list[int], output_ids: list[int]) -> dict
     nll = [-lp[0] for lp in logprobs]
     off = [tok not in {t[1] for t in (top or [])} for tok, top in zip(output_ids, tops)]
     return {"nll": sum(nll) / len(nll), "off_top3": sum(off) / len(off),
-            "scored_tokens": len(nll)}
+            "scored_tokens": len(nll), "nll_tokens": [round(x, 3) for x in nll]}
 
 
 def measure(url: str, prompt_ids: list[int], output_ids: list[int], text: str) -> dict:
     return {**score_tokens(url, prompt_ids, output_ids), "repetitive": repetitive(text)}
 
 
+def head_nll(record: dict) -> Optional[float]:
+    """Mean NLL over the output's first `target` tokens."""
+    head = (record.get("nll_tokens") or [])[: record["target"]]
+    return sum(head) / len(head) if head else None
+
+
 def summarize(records: Iterable[dict]) -> dict:
     recs = [r for r in records if r.get("nll") is not None]
     tokens = sum(r["scored_tokens"] for r in recs)
     return {"nll": common.mean(r["nll"] for r in recs),
+            "nll_head": common.mean(h for h in map(head_nll, recs) if h is not None),
             "repetition": common.mean(float(r["repetitive"]) for r in recs),
             "off_top3": (sum(r["off_top3"] * r["scored_tokens"] for r in recs) / tokens
                          if tokens else None)}
