@@ -51,3 +51,26 @@ def oracle_server(models, tmp_path_factory):
                 "--lenvm-top-k", "48"], tmp_path_factory.mktemp("logs") / "oracle.log")
     yield s
     s.stop()
+
+
+# Test tiers: `pytest -m unit` (seconds: no models, no servers, no subprocesses), `-m server`
+# (against real servers on the tiny models), `-m slow` (everything else that takes time:
+# building models, training, Triton interpreter children, the Engine, the demo pair).
+SERVER_FIXTURES = {"server", "oracle_server", "fault_server"}
+SLOW_FIXTURES = {"models"}
+SLOW_MODULES = {"test_engine", "test_demo", "test_train_e2e", "test_train", "test_startup",
+                "test_kernel_bench_smoke", "test_kernel_compile", "test_generate_data"}
+SLOW_TESTS = {"test_interpreter_subprocess", "test_help"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if fixtures & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
+        elif (fixtures & SLOW_FIXTURES or module in SLOW_MODULES
+              or item.originalname in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+        else:
+            item.add_marker(pytest.mark.unit)
