@@ -4,8 +4,9 @@
     python -m benchmarks.decision_frontier --tiny --limit 2 --targets 8 --rules 0:inf 0.2:2
     python -m benchmarks.decision_frontier --base-url URL   # one point: the server's own rule
 
-A rule is `ALPHA:LAMBDA`: the server's --lenvm-plausibility ALPHA and --lenvm-equal-softness
-LAMBDA (`inf`: the deterministic closest candidate). For each rule a server is started with it
+A rule is `ALPHA:LAMBDA[:MU]`: the server's --lenvm-plausibility ALPHA, --lenvm-equal-softness
+LAMBDA (`inf`: the deterministic closest candidate) and --lenvm-at-least-end-pull MU (default
+0). For each rule a server is started with it
 (one at a time: a 2-core machine cannot time two) and `benchmarks.length_following` runs its
 `lenvm` requests; the prompt-only `baseline` runs once, on the first server (it does not
 involve the LenVM). Everything else (prompts, targets, sampling, metrics) is exactly
@@ -23,16 +24,19 @@ import math
 from benchmarks import common, length_following, quality
 
 
-def parse_rule(text: str) -> tuple[float, float]:
+def parse_rule(text: str) -> tuple[float, float, float]:
     try:
-        alpha, lam = text.split(":")
-        return float(alpha), float(lam)
+        parts = [float(x) for x in text.split(":")]
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a rule is ALPHA:LAMBDA, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a rule is ALPHA:LAMBDA[:MU], got {text!r}") from None
 
 
-def rule_name(alpha: float, lam: float) -> str:
-    return f"a={alpha:g} l={'inf' if math.isinf(lam) else f'{lam:g}'}"
+def rule_name(alpha: float, lam: float, mu: float = 0.0) -> str:
+    name = f"a={alpha:g} l={'inf' if math.isinf(lam) else f'{lam:g}'}"
+    return name + (f" mu={mu:g}" if mu else "")
 
 
 def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
@@ -40,7 +44,8 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
     sub = argparse.Namespace(**vars(args))
     if rule is not None:
         sub.server_arg = [*args.server_arg, "--lenvm-plausibility", str(rule[0]),
-                          "--lenvm-equal-softness", str(rule[1])]
+                          "--lenvm-equal-softness", str(rule[1]),
+                          "--lenvm-at-least-end-pull", str(rule[2])]
     sub.runs = ["baseline", "lenvm"] if with_baseline else ["lenvm"]
     with common.lenvm_server(sub, ap) as srv:
         url = srv["url"]
@@ -49,14 +54,20 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
         alpha = lenvm.get("plausibility", 0.0)
         lam = lenvm.get("equal_softness")
         lam = math.inf if lam is None else lam
+        mu = lenvm.get("at_least_end_pull", 0.0)
         reqs = length_following.make_requests(rows, wording, sub, common.model_name(url))
         errors = []
         records = common.parallel_map(lambda q: length_following.run_one(url, q), reqs,
-                                      args.concurrency, rule_name(alpha, lam), errors)
+                                      args.concurrency, rule_name(alpha, lam, mu), errors)
     records = [r for r in records if r is not None]
-    return {"alpha": alpha, "lambda": lam if math.isfinite(lam) else None, "server": server,
+    return {"alpha": alpha, "lambda": lam if math.isfinite(lam) else None, "mu": mu,
+            "server": server,
             "summary": length_following.summarize(records, sub), "records": records,
             "errors": errors}
+
+
+def _lam(rule: dict) -> float:
+    return math.inf if rule["lambda"] is None else rule["lambda"]
 
 
 def plot(result: dict, path) -> None:
@@ -70,7 +81,7 @@ def plot(result: dict, path) -> None:
             if avg["ls"] is None or avg["nll"] is None:
                 continue
             ax.plot(avg["nll"], avg["ls"], "o")
-            ax.annotate(rule_name(rule["alpha"], rule["lambda"] or math.inf),
+            ax.annotate(rule_name(rule["alpha"], _lam(rule), rule.get("mu", 0.0)),
                         (avg["nll"], avg["ls"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         b = base.get(mode) or {}
@@ -97,7 +108,7 @@ def report(result: dict) -> str:
                      length_following.pct(b.get("off_top3"))])
         for rule in result["rules"]:
             a = rule["summary"]["averages"]["lenvm"][mode]
-            rows.append([rule_name(rule["alpha"], rule["lambda"] or math.inf), mode, a["ls"],
+            rows.append([rule_name(rule["alpha"], _lam(rule), rule.get("mu", 0.0)), mode, a["ls"],
                          a["nll"], quality.gap(a["nll"], b.get("nll")), a.get("nll_head"),
                          quality.gap(a.get("nll_head"), b.get("nll_head")),
                          length_following.pct(a["repetition"]),
@@ -110,8 +121,9 @@ def report(result: dict) -> str:
 def main(argv=None) -> dict:
     ap = common.parser(__doc__)
     ap.add_argument("--rules", type=parse_rule, nargs="+",
-                    help="ALPHA:LAMBDA rules (plausibility floor : equal softness); one server "
-                         "each (not with --base-url, which measures the server's own rule)")
+                    help="ALPHA:LAMBDA[:MU] rules (plausibility floor : equal softness : "
+                         "at_least end pull); one server each (not with --base-url, which "
+                         "measures the server's own rule)")
     ap.add_argument("--lifebench", help="LIFEBench JSONL instead of our prompt set")
     ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"))
     ap.add_argument("--limit", type=int, help="N prompts spread evenly over the file")
