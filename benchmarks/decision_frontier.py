@@ -19,7 +19,9 @@ the baseline, and the bar of issue 14's goal (baseline NLL + 0.2).
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 from benchmarks import common, length_following, quality
 
@@ -118,6 +120,22 @@ def report(result: dict) -> str:
     return "\n".join(out)
 
 
+SAME = ("limit", "targets", "modes", "temperature", "top_p", "top_k", "max_tokens_factor",
+        "system", "extra_body")
+
+
+def _earlier(args, fresh: dict) -> dict:
+    """The earlier sweep in --out, checked to be comparable: its baseline stands for this one."""
+    earlier = json.loads(Path(args.out).read_text())
+    old, new = earlier["settings"], fresh["settings"]
+    diff = [k for k in SAME if old.get(k) != new.get(k)]
+    if diff or earlier["n_prompts"] != fresh["n_prompts"]:
+        raise SystemExit(f"--append: {args.out} was run with other settings ({diff})")
+    earlier.setdefault("appended", []).append({"started": fresh["started"],
+                                               "machine": fresh["machine"]})
+    return earlier
+
+
 def main(argv=None) -> dict:
     ap = common.parser(__doc__)
     ap.add_argument("--rules", type=parse_rule, nargs="+",
@@ -138,6 +156,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--extra-body", type=lambda s: __import__("json").loads(s), default={})
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", default=str(common.RESULTS / "decision_frontier.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="add the rules to the --out file of an earlier sweep with the same "
+                         "prompts, targets, modes and sampling (its baseline is kept)")
     args = ap.parse_args(argv)
     if args.base_url and args.rules:
         ap.error("--rules starts a server per rule: give --demo, --tiny or a pair, not --base-url")
@@ -149,9 +170,12 @@ def main(argv=None) -> dict:
     wording = (length_following.LIFEBENCH_WORDING if args.lifebench
                else length_following.OUR_WORDING)
     result = {**common.header(args), "prompt_set": path, "n_prompts": len(rows), "rules": []}
+    if args.append:
+        result = _earlier(args, result)
     for i, rule in enumerate(args.rules or [None]):
-        run = run_rule(args, ap, rows, wording, rule, with_baseline=i == 0)
-        if i == 0:
+        first = i == 0 and not args.append
+        run = run_rule(args, ap, rows, wording, rule, with_baseline=first)
+        if first:
             result["baseline"] = {m: run["summary"]["averages"]["baseline"][m]
                                   for m in args.modes}
             result["baseline_records"] = [r for r in run["records"] if r["run"] == "baseline"]

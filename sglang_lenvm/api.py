@@ -24,7 +24,7 @@ from typing import Optional
 from urllib.parse import parse_qs
 
 from sglang_lenvm import httputil
-from sglang_lenvm.config import LenVMConfig
+from sglang_lenvm.config import DEFAULT_MAX_N, LenVMConfig
 from sglang_lenvm.schema import (
     FIELDS,
     PARAMS_KEY,
@@ -39,6 +39,7 @@ OPENAI_COMPLETION = "/v1/completions"
 SUPPORTED = "/v1/chat/completions, /v1/completions, /generate, /invocations and /vertex_generate"
 
 _config: Optional[LenVMConfig] = None
+_max_n = DEFAULT_MAX_N
 # Set for the whole handling of an HTTP request that passed the middleware: a private key
 # seen later in that request (by the Engine-side check in engine_api) was written by us.
 passed_front_door: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -156,6 +157,7 @@ def rewrite_body(method: str, path: str, body: dict) -> bool:
     where = find_private_key(body)
     if where is not None:
         raise RequestError(f"{where} is reserved for the server's own use", WIRE_NAME)
+    _check_sample_counts(body)
     if method == "POST" and path in OPENAI_CHAT + (OPENAI_COMPLETION,):
         if not any(f in body for f in FIELDS):
             return False
@@ -176,6 +178,26 @@ def rewrite_body(method: str, path: str, body: dict) -> bool:
             if isinstance(item, dict):
                 _refuse_fields(item, path)
     return False
+
+
+def _check_sample_counts(body: dict) -> None:
+    """`n` / `best_of` above the server's cap, wherever a route reads them: 400 naming it.
+    Other wrong types are left to SGLang's own validation (it answers them with 400/422)."""
+    nodes = [body]
+    for key in ("sampling_params", "parameters"):
+        nested = body.get(key)
+        for item in nested if isinstance(nested, list) else [nested]:
+            if isinstance(item, dict):
+                nodes.append(item)
+                inner = item.get("sampling_params")
+                nodes.extend(i for i in (inner if isinstance(inner, list) else [inner])
+                             if isinstance(i, dict))
+    for node in nodes:
+        for field in ("n", "best_of"):
+            v = node.get(field)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > _max_n:
+                raise RequestError(f"{field} must be at most {_max_n} on this server "
+                                   f"(--lenvm-max-n), got {v}", field)
 
 
 def _refuse_fields(node: dict, where: str) -> None:
@@ -271,14 +293,14 @@ def _replay(messages, then=None):
     return receive
 
 
-def configure(config: Optional[LenVMConfig]) -> None:
-    global _config
-    _config = config
+def configure(config: Optional[LenVMConfig], max_n: int = DEFAULT_MAX_N) -> None:
+    global _config, _max_n
+    _config, _max_n = config, max_n
 
 
-def install(config: Optional[LenVMConfig]) -> None:
+def install(config: Optional[LenVMConfig], max_n: int = DEFAULT_MAX_N) -> None:
     """Wire the middleware and our endpoints into SGLang's HTTP app (launcher process)."""
-    configure(config)
+    configure(config, max_n)
     from sglang.srt.entrypoints.http_server import app
 
     app.add_middleware(LengthFieldsMiddleware)

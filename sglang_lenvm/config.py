@@ -30,6 +30,10 @@ DEFAULT_PLAUSIBILITY = 0.0
 DEFAULT_EQUAL_SOFTNESS = math.inf
 # at_least past its target: q(x) ~ p(x) (1 + l(x))^-pull, a pull toward ending; 0: none.
 DEFAULT_AT_LEAST_END_PULL = 0.0
+# Most samples (`n`, `best_of`) one request may ask for, on every route (the HTTP front door's
+# guard, with or without a LenVM): SGLang expands n into n requests at once, so one body with
+# n = 10**6 would occupy the server for hours. OpenAI's API has the same bound.
+DEFAULT_MAX_N = 128
 
 
 @dataclasses.dataclass(frozen=True)

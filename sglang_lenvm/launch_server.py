@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from sglang_lenvm.config import (
+    DEFAULT_MAX_N,
     DEFAULT_AT_LEAST_END_PULL,
     DEFAULT_EQUAL_DISTANCE,
     DEFAULT_EQUAL_MAX_OVERSHOOT,
@@ -74,6 +75,10 @@ def _our_parser() -> argparse.ArgumentParser:
                         "its stop token joins the candidates (and wins): it ends by "
                         "(1 + F) x target tokens even when degenerate text keeps the stop token "
                         "out of the top-k ('inf': never)")
+    g.add_argument("--lenvm-max-n", type=int, default=DEFAULT_MAX_N, metavar="N",
+                   help="most samples (n, best_of) one request may ask for, on every route, "
+                        "guided or not: SGLang runs n samples at once, so an unbounded n lets "
+                        "one request occupy the server")
     return p
 
 
@@ -187,6 +192,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     try:
         config, rest = prepare(argv)
+        max_n = _our_parser().parse_known_args(argv)[0].lenvm_max_n
+        if max_n < 1:
+            raise ValueError(f"--lenvm-max-n must be >= 1, got {max_n}")
     except (LenVMCheckpointError, ValueError) as e:
         sys.exit(f"sglang-lenvm: {e}")
 
@@ -204,7 +212,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit(f"sglang-lenvm: {e}")
     from sglang_lenvm import api
 
-    api.install(config)
+    api.install(config, max_n=max_n)
     try:
         run_server(server_args)
     finally:

@@ -93,6 +93,29 @@ def test_rewrite_moves_fields_and_caps_at_most():
     assert e.value.param == "custom_params.__lenvm"
 
 
+@pytest.mark.parametrize("path,body,param", [
+    (CHAT, {"messages": MSG, "n": 16165}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 10**7}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "n": 1e9}, "n"),
+    ("/generate", {"text": "x", "sampling_params": {"n": 129}}, "n"),
+    ("/generate", {"text": ["x", "y"], "sampling_params": [{"n": 1}, {"n": 10**6}]}, "n"),
+    ("/vertex_generate", {"instances": [{"text": "x"}],
+                          "parameters": {"sampling_params": {"n": 500}}}, "n"),
+    ("/v1/responses", {"input": "x", "n": 500}, "n"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_sample_counts_above_the_cap_are_refused(path, body, param):
+    with pytest.raises(RequestError) as e:  # with or without a LenVM: a guard of the server
+        rewrite_body(path, body, lenvm_loaded=False)
+    assert e.value.param == param and "--lenvm-max-n" in str(e.value)
+
+
+def test_sample_counts_within_the_cap_pass():
+    body = {"messages": MSG, "n": 128, "best_of": True}
+    assert rewrite_body(CHAT, body, lenvm_loaded=False)["n"] == 128
+    assert rewrite_body("/generate", {"text": "x", "sampling_params": {"n": "many"}},
+                        lenvm_loaded=False)  # wrong types: SGLang's own validation answers
+
+
 def test_middleware_without_lenvm_returns_400():
     """The ASGI middleware in front of an app, on a server started without --lenvm-path."""
     from starlette.applications import Starlette

@@ -219,6 +219,15 @@ def test_decision_frontier_smoke(server, tmp_path):
         avg = rule["summary"]["averages"]["lenvm"][mode]
         assert 0 <= avg["ls"] <= 100 and finite(avg["nll"])
         assert finite(data["baseline"][mode]["nll"])
+    # --append adds a point to the same sweep, keeping its baseline; other settings are refused
+    args = ["--base-url", server.url, "--limit", "2", "--targets", "4", "--modes", "equal",
+            "at_least", "--out", str(out), "--append"]
+    decision_frontier.main([*args, "--max-tokens-factor", "2"])
+    again = json.loads(out.read_text())
+    assert len(again["rules"]) == 2 and again["baseline"] == data["baseline"]
+    assert len(again["appended"]) == 1
+    with pytest.raises(SystemExit, match="other settings"):
+        decision_frontier.main([*args, "--max-tokens-factor", "3"])
 
 
 def test_prediction_smoke(server, tmp_path):

@@ -1,6 +1,8 @@
 """The length contract on every route SGLang serves: the public fields work or get a 400
 naming them; the private key gets a 400 everywhere; budgets follow the target."""
 
+import copy
+import json
 import math
 import uuid
 
@@ -95,6 +97,18 @@ def test_other_routes_refuse_length_fields_and_the_private_key(server, method, p
     assert r.status_code == 400 and r.json()["param"] == "custom_params.__lenvm", r.text
 
 
+@pytest.mark.parametrize("method,path,body,private", GUIDED, ids=[f"{m} {p}" for m, p, *_ in GUIDED])
+def test_huge_sample_counts_are_refused_before_any_work(server, method, path, body, private):
+    """n = 16165 (found by the fuzz test) would hold the server for minutes: 400 at once."""
+    body = copy.deepcopy(private)
+    body.pop("custom_params", None)
+    sp = body.get("parameters", body).get("sampling_params", body)
+    sp.pop("custom_params", None)
+    sp["n"] = 16165
+    r = send(server, method, path, body)
+    assert r.status_code == 400 and r.json()["param"] == "n", r.text
+
+
 def test_form_fields_are_refused(server):
     r = requests.post(server.url + "/v1/audio/transcriptions",
                       files={"file": ("a.wav", b"RIFF")}, data={"length_target": "5"}, timeout=60)
@@ -109,10 +123,22 @@ def chat(server, **fields):
 
 def test_budget_comes_from_the_target(server, models):
     # /v1/completions' own default is 16 tokens: a target of 40 is not cut there
-    r = server.post("/v1/completions", {"model": "m", "prompt": f"The sea {uuid.uuid4().hex}",
-                                         "length_target": 40, "length_mode": "at_least"})
-    assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] >= 40
+    # (at_least has no limit but the context: the random model may never end, so the test
+    # reads the stream past 16 tokens and hangs up instead of waiting for the end)
+    with requests.post(server.url + "/v1/completions", stream=True, timeout=120, json={
+            "model": "m", "prompt": f"The sea {uuid.uuid4().hex}", "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "length_target": 40, "length_mode": "at_least"}) as r:
+        assert r.status_code == 200, r.text
+        done = 0
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                assert all(c.get("finish_reason") is None for c in chunk["choices"]), line
+                done = chunk["usage"]["completion_tokens"]
+                if done >= 40:
+                    break
+    assert done >= 40  # no finish before the target (and far past the default of 16)
     # equal ends by ceil(1.25 T) (the overshoot limit) even when nothing stops it
     out = chat(server, length_target=8, ignore_eos=True)
     assert out["usage"]["completion_tokens"] <= math.ceil(1.25 * 8)
