@@ -107,6 +107,7 @@ def report(result: dict) -> str:
         b = result["baseline"].get(mode) or {}
         rows.append(["prompt only", mode, b.get("ls"), b.get("nll"), None, b.get("nll_head"),
                      None, length_following.pct(b.get("repetition")),
+                     length_following.pct(b.get("degenerate")),
                      length_following.pct(b.get("off_top3"))])
         for rule in result["rules"]:
             a = rule["summary"]["averages"]["lenvm"][mode]
@@ -114,9 +115,11 @@ def report(result: dict) -> str:
                          a["nll"], quality.gap(a["nll"], b.get("nll")), a.get("nll_head"),
                          quality.gap(a.get("nll_head"), b.get("nll_head")),
                          length_following.pct(a["repetition"]),
+                         length_following.pct(a.get("degenerate")),
                          length_following.pct(a["off_top3"])])
     out.append(common.md_table(["rule", "mode", "LS avg", "NLL/token", "NLL gap",
-                                "NLL first N", "gap first N", "repetitive", "off top-3"], rows))
+                                "NLL first N", "gap first N", "repetitive", "degenerate",
+                                "off top-3"], rows))
     return "\n".join(out)
 
 

@@ -220,12 +220,13 @@ def report(result: dict) -> str:
             rows.append([run, mode] + [per_t[str(t)]["ls"] for t in st["targets"]] +
                         [avg["ls"], pct(avg["deviation"]) if mode == "equal" else None,
                          avg["nll"], avg["nll_head"], pct(avg["repetition"]),
-                         pct(avg["off_top3"]),
+                         pct(avg.get("degenerate")), pct(avg["off_top3"]),
                          sum(c["dropped"] for c in per_t.values()),
                          sum(c["truncated"] for c in per_t.values())])
     out.append(common.md_table(["run", "mode"] + [f"LS@{t}" for t in st["targets"]] +
                                ["LS avg", "deviation (equal)", "NLL/token",
-                                "NLL, first N tokens", "repetitive", "off top-3",
+                                "NLL, first N tokens", "repetitive", "degenerate",
+                                "off top-3",
                                 "dropped (L<=1)", "cut"], rows))
     if s["ls_improvement"]:
         out += ["", "LS improvement (lenvm - baseline): " + ", ".join(

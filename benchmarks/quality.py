@@ -10,6 +10,9 @@ For one output (token ids of prompt and completion, and its text):
   likely tokens at their position (same scoring request, `top_logprobs_num` = 3).
 - `repetitive`: whether some 3-unit phrase occurs 3 or more times in the text (units: words
   split on whitespace for English, CJK characters for Chinese, punctuation ignored).
+- `degenerate`: whether the text has fallen into a loop: fewer than half of its 4-unit phrases
+  are distinct ("made made made made ..."). `repetitive` also flags natural text that reuses
+  a phrase ("the number of chickens" three times in a word problem); `degenerate` does not.
 Summaries average `nll` over tokens within an output, then over outputs (every output counts
 once); `repetition` is the share of repetitive outputs, `off_top3` the share of tokens.
 `nll_head` is the same NLL over each output's first `target` tokens only: outputs that ramble
@@ -47,6 +50,12 @@ def repetitive(text: str, n: int = 3, times: int = 3) -> bool:
     return any(c >= times for c in grams.values())
 
 
+def degenerate(text: str, n: int = 4, distinct_below: float = 0.5) -> bool:
+    u = units(text)
+    grams = [tuple(u[i:i + n]) for i in range(len(u) - n + 1)]
+    return len(grams) >= 2 * n and len(set(grams)) < distinct_below * len(grams)
+
+
 def score_tokens(url: str, prompt_ids: list[int], output_ids: list[int]) -> dict:
     """The base model's view of an output: mean NLL per token and the off-top-3 share."""
     if not output_ids:
@@ -68,7 +77,8 @@ def score_tokens(url: str, prompt_ids: list[int], output_ids: list[int]) -> dict
 
 
 def measure(url: str, prompt_ids: list[int], output_ids: list[int], text: str) -> dict:
-    return {**score_tokens(url, prompt_ids, output_ids), "repetitive": repetitive(text)}
+    return {**score_tokens(url, prompt_ids, output_ids), "repetitive": repetitive(text),
+            "degenerate": degenerate(text)}
 
 
 def head_nll(record: dict) -> Optional[float]:
@@ -83,6 +93,7 @@ def summarize(records: Iterable[dict]) -> dict:
     return {"nll": common.mean(r["nll"] for r in recs),
             "nll_head": common.mean(h for h in map(head_nll, recs) if h is not None),
             "repetition": common.mean(float(r["repetitive"]) for r in recs),
+            "degenerate": common.mean(float(degenerate(r.get("text") or "")) for r in recs),
             "off_top3": (sum(r["off_top3"] * r["scored_tokens"] for r in recs) / tokens
                          if tokens else None)}
 

@@ -25,11 +25,13 @@ DEFAULT_EQUAL_DISTANCE = "ratio"
 DEFAULT_EQUAL_MAX_OVERSHOOT = 0.25
 # Only candidates with base probability >= this x the most likely candidate's compete on
 # length (the most likely and stop tokens always do). 0: every top-k candidate.
-DEFAULT_PLAUSIBILITY = 0.0
+# The three defaults below were picked on a measured frontier of length score against the
+# base model's NLL (README, "Length and text quality"; benchmarks/decision_frontier.py).
+DEFAULT_PLAUSIBILITY = 0.1
 # equal samples q(x) ~ p(x) exp(-softness * d(x)), d the length distance; inf: the closest.
-DEFAULT_EQUAL_SOFTNESS = math.inf
+DEFAULT_EQUAL_SOFTNESS = 16.0
 # at_least past its target: q(x) ~ p(x) (1 + l(x))^-pull, a pull toward ending; 0: none.
-DEFAULT_AT_LEAST_END_PULL = 0.0
+DEFAULT_AT_LEAST_END_PULL = 1.0
 # Most samples (`n`, `best_of`) one request may ask for, on every route (the HTTP front door's
 # guard, with or without a LenVM): SGLang expands n into n requests at once, so one body with
 # n = 10**6 would occupy the server for hours. OpenAI's API has the same bound.

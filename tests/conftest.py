@@ -46,9 +46,14 @@ def server(models, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def oracle_server(models, tmp_path_factory):
-    """Char-vocabulary base + the oracle LenVM; every token is a candidate (top-k 48)."""
+    """Char-vocabulary base + the oracle LenVM; every token is a candidate (top-k 48) and
+    competes on length (--lenvm-plausibility 0: the random base model gives the one token with
+    the exact remaining length less than 0.1 x its favourite's probability at times, and the
+    default floor would rightly keep it out). The other rule knobs are the defaults (soft
+    equal, at_least's end pull), so exactness is checked for the rule users get."""
     s = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "oracle"),
-                "--lenvm-top-k", "48"], tmp_path_factory.mktemp("logs") / "oracle.log")
+                "--lenvm-top-k", "48", "--lenvm-plausibility", "0"],
+               tmp_path_factory.mktemp("logs") / "oracle.log")
     yield s
     s.stop()
 

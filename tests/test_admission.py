@@ -75,6 +75,20 @@ def test_admission_applies_budgets_and_the_namespace():
     assert req.aborted is not None and "custom_logit_processor" in req.aborted[0]
 
 
+@pytest.mark.parametrize("raw", [
+    {"target": 50, "mode": "equal"}, {"target": 8, "mode": "equal", "budget": 10},
+    {"target": 30, "mode": "at_least", "budget_open": True}, {"target": 5, "mode": "at_most"},
+])
+def test_a_prefill_only_copy_stays_prefill_only(raw):
+    """SGLang sends an n > 1 request's prompt first as a copy with max_new_tokens 0 (to cache
+    it for the n samples): no budget turns it into a whole output, no limit check refuses it,
+    and it enters the LenVM namespace, so the n samples share its LenVM KV."""
+    req = run(raw=raw, max_new_tokens=0, extra_key="tenant")
+    assert req.aborted is None and req.sampling_params.max_new_tokens == 0
+    assert not req.sampling_params.min_new_tokens
+    assert req.extra_key == "lenvm|tenant" and req.lenvm_params is not None
+
+
 def test_inputs_the_lenvm_cannot_read_are_refused():
     for name in ("input_embeds", "mm_inputs"):
         req = FakeReq(raw={"target": 5, "mode": "at_most"})

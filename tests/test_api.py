@@ -209,6 +209,12 @@ def test_guidance_with_n_logprobs_stop_and_regex(server):
     assert len(choices) == 3
     for c in choices:
         assert c["length_control"]["length_target"] == 8 and c["logprobs"]["content"]
+    # equal and at_least with n > 1 (SGLang first sends a prefill-only copy of the prompt)
+    for mode, limit in (("equal", {}), ("at_least", {"max_tokens": 12}), ("equal", {"max_tokens": 20})):
+        r = server.post(CHAT, {"model": "m", "messages": MSG, "n": 2, "length_target": 6,
+                               "length_mode": mode, **limit})
+        assert r.status_code == 200, (mode, r.text)
+        assert len(r.json()["choices"]) == 2
     r = server.post("/v1/completions", {"model": "m", "prompt": "Digits:", "max_tokens": 12,
                                          "regex": "[0-9]{3,6}", "length_target": 4,
                                          "length_mode": "at_least"})

@@ -204,6 +204,12 @@ def test_repetition_units_and_rule():
     assert quality.repetitive("a b c a b c a b c") and not quality.repetitive("a b c a b c")
     assert quality.repetitive("我爱你。我爱你。我爱你。")
     assert not quality.repetitive("one two three four five six seven eight nine")
+    loop = "an island paradise made " + "made " * 12 + "found made made made."
+    assert quality.degenerate(loop) and quality.repetitive(loop)
+    reuse = ("Count the number of chickens, then the number of cows: the number of chickens "
+             "is thirty minus the number of cows, and each cow has four legs.")
+    assert quality.repetitive(reuse) and not quality.degenerate(reuse)
+    assert not quality.degenerate("made made made")  # too short to call
 
 
 def test_decision_frontier_smoke(server, tmp_path):

@@ -102,7 +102,8 @@ def test_nan_values_fall_back_for_that_request_only(models, tmp_path):
     tm.build_oracle_lenvm(tmp_path / "nan_oracle", models / "ctok", nan_token=broken)
     no_s = {str(broken): -1000.0}  # nobody may sample (or score) the broken token
     with Server(["--model-path", str(models / "cbase"), "--lenvm-path",
-                 str(tmp_path / "nan_oracle"), "--lenvm-top-k", "48"], tmp_path / "nan.log") as s:
+                 str(tmp_path / "nan_oracle"), "--lenvm-top-k", "48", "--lenvm-plausibility",
+                 "0"], tmp_path / "nan.log") as s:  # (as conftest's oracle_server: exactness)
         def run(prompt, target):
             return s.post("/v1/completions", {"model": "m", "prompt": prompt, "max_tokens": 40,
                                               "length_target": target, "logit_bias": no_s}).json()

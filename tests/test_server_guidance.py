@@ -37,6 +37,18 @@ def test_equal_hits_the_target_exactly(oracle_server, target):
         assert out["output_ids"][-1] == EOS and out["meta_info"]["finish_reason"]["type"] == "stop"
 
 
+def test_equal_samples_at_temperature_and_is_deterministic_at_zero(oracle_server):
+    """The soft equal rule (default --lenvm-equal-softness 16): n choices differ at temperature
+    1, each still exactly on target; at temperature 0 repeated requests agree."""
+    outs = gen(oracle_server, max_new_tokens=60, temperature=1.0, n=4, length_target=20)
+    assert len(outs) == 4 and all(len(o["output_ids"]) == 20 for o in outs)
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1
+    greedy = [gen(oracle_server, max_new_tokens=60, temperature=0.0, length_target=20)
+              for _ in range(2)]
+    assert greedy[0]["output_ids"] == greedy[1]["output_ids"]
+    assert len(greedy[0]["output_ids"]) == 20
+
+
 @pytest.mark.parametrize("target", [4, 8, 20])
 def test_equal_ends_by_its_overshoot_limit(oracle_server, target):
     """With the stop token biased out of every candidate set, `equal` cannot end near the

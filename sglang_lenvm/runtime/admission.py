@@ -71,6 +71,8 @@ def _check_request(req, params: LengthParams, recv_req) -> None:
     if (getattr(sp, "beam_width", None) or 1) > 1:
         raise RequestError("beam search cannot be combined with length guidance", "beam_width")
     limit = sp.max_new_tokens
+    if limit == 0:  # prefill only (below): nothing to check
+        return
     if (params.mode in ("equal", "at_least") and params.budget is None
             and not params.budget_open and limit is not None and limit < params.target):
         raise RequestError(f"max_new_tokens ({limit}) is below the length target "
@@ -79,6 +81,13 @@ def _check_request(req, params: LengthParams, recv_req) -> None:
 
 def _apply(req, params: LengthParams) -> None:
     sp = req.sampling_params
+    req.extra_key = namespace(req.extra_key)
+    req.lenvm_params = params
+    if sp.max_new_tokens == 0:
+        # Prefill only: SGLang sends one such copy of an n > 1 request first, to cache the
+        # prompt the n samples share (the LenVM mirrors it too, so they share that as well).
+        # A budget here would make it generate a whole output that nobody reads.
+        return
     if params.budget is not None:
         sp.max_new_tokens = params.budget
     elif params.budget_open:
@@ -87,8 +96,6 @@ def _apply(req, params: LengthParams) -> None:
         sp.max_new_tokens = min(sp.max_new_tokens or params.target, params.target)
     elif params.mode == "at_least":
         sp.min_new_tokens = max(sp.min_new_tokens or 0, params.target - 1)
-    req.extra_key = namespace(req.extra_key)
-    req.lenvm_params = params
 
 
 def _refuse(req, message: str, status, err_type: str) -> None:
