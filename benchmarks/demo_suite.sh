@@ -11,7 +11,7 @@ P=.venv/bin/python
 R=benchmarks/results
 PORT=${PORT:-30123}
 U=--base-url=http://127.0.0.1:$PORT
-parts=${*:-latency overhead soak following prediction tradeoff tokens}
+parts=${*:-latency overhead soak following prediction tradeoff tokens frontier}
 
 serve() {  # the demo pair in the background, for the accuracy runs
   if ! curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; then
@@ -34,6 +34,16 @@ for part in $parts; do
     tradeoff)   serve; $P -m benchmarks.tradeoff "$U" --level easy --problems 12 --n 2 \
                   --max-tokens 192 --budgets 16 32 48 64 96 128 192 --concurrency 24 ;;
     tokens)     serve; $P -m benchmarks.length_tokens "$U" --limit 12 --n 2 --max-tokens 192 ;;
+    frontier)   F="$P -m benchmarks.decision_frontier --demo --max-total-tokens 65536"
+                $F --limit 12 --targets 16 64 128 --modes equal --rules 0:inf 0.1:inf 0.1:4 \
+                  --out $R/decision_frontier_equal.json
+                $F --limit 12 --targets 16 64 128 --modes equal --append --rules 0.2:inf 0.1:8 \
+                  0.15:inf 0.1:16 --out $R/decision_frontier_equal.json
+                $F --limit 6 --targets 16 64 --modes at_most at_least --rules 0:inf:0 0.1:16:1 \
+                  --out $R/decision_frontier_bounds.json
+                $F --lifebench "${LIFEBENCH:?set LIFEBENCH to data_lite_no_summary.jsonl}" \
+                  --limit 6 --targets 16 64 128 --modes equal --rules 0:inf 0.1:16 \
+                  --out $R/decision_frontier_lifebench_equal.json ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done
