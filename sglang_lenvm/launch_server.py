@@ -8,6 +8,9 @@ Takes every `sglang.launch_server` argument plus:
                         how `equal` measures the closest candidate (default ratio)
   --lenvm-equal-max-overshoot F
                         `equal` outputs end by (1 + F) x target tokens (default 0.25; inf: off)
+  --lenvm-plausibility ALPHA, --lenvm-equal-softness LAMBDA, --lenvm-at-least-end-pull MU
+                        the decision rule's knobs (defaults 0.1, 16, 1: README, "The API")
+  --lenvm-max-n N       most samples (n, best_of) per request on every route (default 128)
 Without --model-path (and --lenvm-path) it serves the embedded demo pair.
 On a machine without a GPU it adds CPU defaults (--device cpu, float32, a bounded KV cache).
 """
