@@ -132,6 +132,8 @@ def _earlier(args, fresh: dict) -> dict:
     earlier = json.loads(Path(args.out).read_text())
     old, new = earlier["settings"], fresh["settings"]
     diff = [k for k in SAME if old.get(k) != new.get(k)]
+    if Path(earlier["prompt_set"]).name != Path(fresh["prompt_set"]).name:
+        diff.append("prompt set")  # (by file name: a copy of the tree may have run it)
     if diff or earlier["n_prompts"] != fresh["n_prompts"]:
         raise SystemExit(f"--append: {args.out} was run with other settings ({diff})")
     earlier.setdefault("appended", []).append({"started": fresh["started"],

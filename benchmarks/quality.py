@@ -93,7 +93,7 @@ def summarize(records: Iterable[dict]) -> dict:
     return {"nll": common.mean(r["nll"] for r in recs),
             "nll_head": common.mean(h for h in map(head_nll, recs) if h is not None),
             "repetition": common.mean(float(r["repetitive"]) for r in recs),
-            "degenerate": common.mean(float(degenerate(r.get("text") or "")) for r in recs),
+            "degenerate": common.mean(float(r["degenerate"]) for r in recs),
             "off_top3": (sum(r["off_top3"] * r["scored_tokens"] for r in recs) / tokens
                          if tokens else None)}
 

@@ -234,6 +234,10 @@ def test_decision_frontier_smoke(server, tmp_path):
     assert len(again["appended"]) == 1
     with pytest.raises(SystemExit, match="other settings"):
         decision_frontier.main([*args, "--max-tokens-factor", "3"])
+    other = tmp_path / "other_prompts.jsonl"
+    other.write_text((ROOT / "benchmarks/data/length_prompts.jsonl").read_text())
+    with pytest.raises(SystemExit, match="prompt set"):
+        decision_frontier.main([*args, "--max-tokens-factor", "2", "--prompts", str(other)])
 
 
 def test_prediction_smoke(server, tmp_path):
