@@ -37,8 +37,12 @@ def token_scores(choice: dict, gamma: float) -> list[tuple[str, float]]:
     if len(tokens) != len(values):
         raise RuntimeError(f"{len(tokens)} tokens but {len(values)} values")
     p = list(values)
-    if choice["finish_reason"] == "stop":  # ended by EOS: the state after it is terminal
+    if None in p:  # the trace stopped (a LenVM fault, reported in length_control.warning)
+        p = p[:p.index(None)]
+    elif choice["finish_reason"] == "stop":  # ended by EOS: the state after it is terminal
         p.append(0.0)
+    if len(p) < 2:
+        return []
     s = td_score(torch.tensor(p, dtype=torch.float64), gamma).tolist()
     return list(zip(tokens, s))  # zip drops the last token of a cut completion
 
@@ -48,6 +52,7 @@ def sample(url: str, body: dict, gamma: float) -> dict:
     choice = r["choices"][0]
     return {"finish_reason": choice["finish_reason"],
             "length": r["usage"]["completion_tokens"],
+            "trace_stopped": None in choice["length_control"]["values"],
             "scores": token_scores(choice, gamma)}
 
 
@@ -154,6 +159,7 @@ def main(argv=None) -> dict:
     result.update(gamma=gamma, n_samples=len(samples),
                   n_scored_tokens=sum(len(s["scores"]) for s in samples),
                   cut=sum(s["finish_reason"] == "length" for s in samples),
+                  trace_stopped=sum(s["trace_stopped"] for s in samples),
                   mean_length=common.mean(s["length"] for s in samples))
     result["tokens"] = aggregate(samples, args.top, args.min_count)
     result["occurrences"] = top_occurrences(samples, args.top)

@@ -98,6 +98,10 @@ def test_td_scores_end_with_a_terminal_state():
     assert scores[1][1] == pytest.approx(0.0 - 0.4 + 0.1)  # p after EOS is 0
     cut = {**choice, "finish_reason": "length"}
     assert len(length_tokens.token_scores(cut, gamma)) == 1  # no value after the last token
+    # A trace that stopped (a fault) is scored up to its first missing value only.
+    stopped = {**choice, "length_control": {"values": [0.5, 0.4, None]},
+               "logprobs": {"content": [{"token": "a"}, {"token": "b"}, {"token": "c"}]}}
+    assert [t for t, _ in length_tokens.token_scores(stopped, gamma)] == ["a"]
 
 
 def test_arithmetic_problems_and_answer_extraction():
@@ -276,6 +280,7 @@ def test_length_tokens_smoke(server, tmp_path):
                         "16", "--min-count", "1", "--top", "5", "--out", str(out)])
     data = check_output(out)
     assert data["n_samples"] == 4 and data["n_scored_tokens"] >= 1
+    assert data["trace_stopped"] == 0  # no LenVM fault on plain value-only requests
     t = data["tokens"]
     assert t["lengthening"] or t["shortening"]
     assert all(x["mean"] > 0 and x["count"] >= 1 for x in t["lengthening"])

@@ -166,23 +166,54 @@ def test_max_completion_tokens_is_checked_like_max_tokens(server):
     assert r.status_code == 400 and r.json()["param"] == "max_completion_tokens", r.text
 
 
-def test_padding_ids_past_the_lenvm_are_never_candidates(server, models):
-    """The base model pads its vocabulary past the tokenizer (and the LenVM's embedding):
-    pushing a padding id to the top makes an unguided request emit it, while a guided one,
-    whose candidates the LenVM must score, never does (and nothing crashes)."""
+def _lenvm_vocab(models) -> int:
     import json
 
-    vocab = json.loads((models / "lenvm" / "config.json").read_text())["vocab_size"]
+    return json.loads((models / "lenvm" / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize("length", [
+    pytest.param({"length_target": 6, "length_mode": "at_most"}, id="guided"),
+    pytest.param({"return_length_values": True}, id="values-only"),
+    pytest.param({"beta": -5.0, "return_length_values": True}, id="beta"),
+])
+def test_padding_ids_past_the_lenvm_are_never_sampled_by_lenvm_rows(server, models, length):
+    """The base model pads its vocabulary past the tokenizer (and the LenVM's embedding):
+    pushing a padding id to the top makes a plain request emit it, while a request that uses
+    the LenVM never does: the LenVM could not read it at the next step (a values-only request
+    once lost its value trace that way, to a quarantine)."""
+    vocab = _lenvm_vocab(models)
     pad = vocab + 3
     bias = {str(pad): 50.0}
     plain = server.post("/generate", {"text": "a", "sampling_params": {
         "max_new_tokens": 4, "temperature": 0, "logit_bias": bias}}).json()
     assert pad in plain["output_ids"]
-    guided = server.post("/generate", {"text": "a", "sampling_params": {
-        "max_new_tokens": 8, "temperature": 0, "logit_bias": bias, "length_target": 6,
-        "length_mode": "at_most"}})
-    assert guided.status_code == 200, guided.text
-    assert all(t < vocab for t in guided.json()["output_ids"])
+    before = stats(server)
+    r = server.post("/generate", {"text": "a", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0, "logit_bias": bias, **length}})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert all(t < vocab for t in out["output_ids"]), out["output_ids"]
+    assert stats(server)["quarantined_requests"] == before["quarantined_requests"]
+    meta = out["meta_info"]
+    assert not meta.get("lenvm_fault") and not any(meta.get("lenvm_fallback") or []), meta
+    if length.get("return_length_values"):
+        assert len(meta["lenvm_p"]) == len(out["output_ids"])
+        assert all(isinstance(v, float) for v in meta["lenvm_p"]), meta["lenvm_p"]
+
+
+def test_prompt_ids_past_the_lenvm_are_refused(server, models):
+    """Raw input_ids the LenVM has no embedding for: a length-controlled request is refused
+    (400 naming input_ids), the same prompt without length control is served."""
+    ids = [5, 6, _lenvm_vocab(models) + 1, 7]
+    for length in ({"length_target": 4, "length_mode": "at_most"},
+                   {"return_length_values": True}):
+        r = server.post("/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": 4, **length}})
+        assert r.status_code == 400, r.text
+        assert "input_ids" in r.text and "vocabulary" in r.text, r.text
+    r = server.post("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 4}})
+    assert r.status_code == 200, r.text
 
 
 def test_unguided_requests_cost_the_lenvm_nothing_in_a_mixed_batch(server):

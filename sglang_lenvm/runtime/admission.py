@@ -5,6 +5,8 @@ by an Engine user's custom_params). A malformed request is finished with an erro
 request alone (HTTP 400 through SGLang's own abort path); nothing here raises.
 
 For a LenVM request this also:
+- refuses prompt token ids the LenVM has no embedding for (a base model whose embedding is
+  padded past the tokenizer, given raw `input_ids`): it could not read the prompt;
 - grants the LenVM radix namespace (extra_key "lenvm|<caller's key>"); any other request that
   claims it is moved out, so the namespace only ever holds mirrored KV;
 - applies the output budget: the one the front door resolved from the target when the request
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
+from typing import Optional
 
 from sglang_lenvm.runtime import faults
 from sglang_lenvm.schema import (
@@ -30,9 +33,11 @@ from sglang_lenvm.schema import (
 logger = logging.getLogger(__name__)
 
 
-def admit(req, *, max_top_k: int, context_len: int, recv_req=None) -> None:
+def admit(req, *, max_top_k: int, context_len: int, recv_req=None,
+          lenvm_vocab: Optional[int] = None) -> None:
     """Parse and apply a new request's length parameters (AFTER _create_generation_req;
-    `recv_req` is the tokenized request it was made from)."""
+    `recv_req` is the tokenized request it was made from; `lenvm_vocab`: the LenVM's
+    embedding size where it is smaller than the base model's, else None)."""
     req.lenvm_params = None
     cp = req.sampling_params.custom_params
     if not isinstance(cp, dict) or PARAMS_KEY not in cp:
@@ -44,6 +49,7 @@ def admit(req, *, max_top_k: int, context_len: int, recv_req=None) -> None:
         params = LengthParams.from_wire(raw, max_top_k=max_top_k, context_len=context_len)
         _check_request(req, params, recv_req)
         if params.uses_lenvm:
+            _check_token_ids(req, lenvm_vocab)
             _apply(req, params)
         else:
             req.extra_key = outside_namespace(req.extra_key)
@@ -77,6 +83,16 @@ def _check_request(req, params: LengthParams, recv_req) -> None:
             and not params.budget_open and limit is not None and limit < params.target):
         raise RequestError(f"max_new_tokens ({limit}) is below the length target "
                            f"({params.target})", "max_new_tokens")
+
+
+def _check_token_ids(req, lenvm_vocab: Optional[int]) -> None:
+    if lenvm_vocab is None or not len(req.origin_input_ids):
+        return
+    top = max(req.origin_input_ids)
+    if top >= lenvm_vocab:
+        raise RequestError(f"input_ids contains token id {top}, outside the LenVM's vocabulary "
+                           f"({lenvm_vocab} tokens): length control cannot read this prompt",
+                           "input_ids")
 
 
 def _apply(req, params: LengthParams) -> None:

@@ -166,7 +166,7 @@ def _admit(req, sched, recv_req=None, *args, **kwargs):
     from sglang_lenvm.runtime.admission import admit
 
     admit(req, max_top_k=_config.max_top_k, context_len=sched.model_config.context_len,
-          recv_req=recv_req)
+          recv_req=recv_req, lenvm_vocab=_worker.candidate_vocab)
     return req
 
 

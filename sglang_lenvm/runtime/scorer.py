@@ -107,6 +107,10 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
     steer = torch.tensor(steer_host, dtype=torch.bool).to(device, non_blocking=True)
     temps = sampling_info.temperatures.view(-1)[index]
     B = len(rows)
+    if worker.candidate_vocab is not None:
+        # No row that uses the LenVM may sample an id it cannot embed, whatever this step's
+        # decision (value-only rows and fallback rows sample from these logits as they are).
+        logits[index, worker.candidate_vocab:] = float("-inf")
 
     cand = must_stop = None
     if state.num_candidates > 0 and any(steer_host):
@@ -173,8 +177,6 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
     """The steering rows' candidates, plus each row's stop-token slot where it must be one;
     and which rows must stop (equal past its overshoot limit; None: no row)."""
     host_modes = {state.modes[i] for i in rows if state.steer[i]}
-    if worker.candidate_vocab is not None:  # ids past the LenVM's embedding: never candidates
-        row_logits[:, worker.candidate_vocab:] = float("-inf")
     if MODE_AT_LEAST in host_modes:
         # SGLang's min_new_tokens (set at admission) already masks the stop tokens until the
         # target; this keeps the candidates right even if a request reached us without it.

@@ -63,7 +63,9 @@ class LenVMWorker:
         self.model = self.runner.model
         self.device = target.device
         # Token ids at or past the LenVM's embedding (a base model's padding rows beyond its
-        # tokenizer; start-up refuses a LenVM smaller than the tokenizer) are never candidates.
+        # tokenizer; start-up refuses a LenVM smaller than the tokenizer) are never candidates,
+        # never sampled by a row that uses the LenVM (its next star forward would have to read
+        # them: value-only rows included), and refused in prompts at admission.
         lenvm_vocab = self.model_config.vocab_size
         self.candidate_vocab = lenvm_vocab if lenvm_vocab < target.model_config.vocab_size else None
         # Triton kernels on GPU; plain torch on CPU (the same math, see tests/test_kernel_*).
