@@ -191,7 +191,6 @@ def bench_star(args, bench, shape, peak, overrides_list=None):
                           f"{rows[-1]['gbps']} GB/s, x{rows[-1]['speedup']}, err {err:.2e}")
                     if bench.smoke:
                         assert err < 3e-2, f"star attention differs from the reference: {err}"
-                del q, k, v, want
     return rows
 
 
@@ -214,9 +213,20 @@ def _decision_inputs(B, K, vocab, dev, g):
         greedy=torch.arange(B, device=dev) % 3 == 0)
 
 
+def _kernel_codes() -> dict:
+    """What the fused decision kernel is told of the runtime: its mode codes and the default
+    equal distance (the kernel module imports nothing from the runtime)."""
+    from sglang_lenvm.config import DEFAULT_EQUAL_DISTANCE
+    from sglang_lenvm.runtime.decision import equal_uses_ratio
+    from sglang_lenvm.schema import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL
+
+    return dict(mode_codes=(MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST),
+                equal_ratio=equal_uses_ratio(DEFAULT_EQUAL_DISTANCE))
+
+
 def torch_head_decision(head, hidden, *, ids, base_prob, valid, stop_ids, mode, target,
                         generated, beta, greedy, gamma, has_root=True):
-    """Today's path: ValueHead, sigmoid, force_stop_value, the scorer's NaN handling, decide."""
+    """The torch path: ValueHead, sigmoid, force_stop_value, the scorer's NaN handling, decide."""
     import torch
 
     from sglang_lenvm.runtime.decision import Candidates, decide, force_stop_value
@@ -233,7 +243,7 @@ def torch_head_decision(head, hidden, *, ids, base_prob, valid, stop_ids, mode, 
 def _make_head(H, dev):
     import torch
 
-    from sglang_lenvm.models.lenvm import ValueHead
+    from sglang_lenvm.value_head import ValueHead
 
     torch.manual_seed(0)
     return ValueHead(H).to(dev)
@@ -257,7 +267,7 @@ def bench_head(args, bench, shape, peak, gamma):
 
             def run():
                 return value_head_decision_triton(hidden, *weights, has_root=True, gamma=gamma,
-                                                  **kw)
+                                                  **kw, **_kernel_codes())
 
             def ref():
                 return torch_head_decision(head, hidden, gamma=gamma, **kw)
@@ -357,7 +367,6 @@ class Backbone:
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
     def forward(self, tokens, positions, attn):
-        import torch
         import torch.nn.functional as F
 
         s = self.s
@@ -460,7 +469,7 @@ def bench_step(args, bench, shape, gamma):
             if use_triton:
                 out = value_head_decision_triton(
                     hidden, *weights, ids=cand.ids, base_prob=cand.base_prob, valid=cand.valid,
-                    has_root=True, gamma=gamma, **dec_kw)
+                    has_root=True, gamma=gamma, **dec_kw, **_kernel_codes())
                 p_cand, q = out.p_cand, out.q
             else:
                 p_cand, q = torch_head_decision(head, hidden, ids=cand.ids,
@@ -515,7 +524,6 @@ def bench_step(args, bench, shape, gamma):
             row["speedup_over_torch"] = round(row["scoring_torch_ms"] / row["scoring_triton_ms"], 2)
         print(f"  step P={P}: {row}")
         results.append(row)
-        del caches
     return results
 
 

@@ -23,7 +23,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks import common, length_following, quality
+from benchmarks import length_following, parallel, prompts, quality, reporting, servers
 
 
 def parse_rule(text: str) -> tuple[float, float, float]:
@@ -49,18 +49,18 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
                           "--lenvm-equal-softness", str(rule[1]),
                           "--lenvm-at-least-end-pull", str(rule[2])]
     sub.runs = ["baseline", "lenvm"] if with_baseline else ["lenvm"]
-    with common.lenvm_server(sub, ap) as srv:
+    with servers.lenvm_server(sub, ap) as srv:
         url = srv["url"]
-        server = common.server_info(url)
+        server = servers.server_info(url)
         lenvm = server.get("lenvm") or {}
         alpha = lenvm.get("plausibility", 0.0)
         lam = lenvm.get("equal_softness")
         lam = math.inf if lam is None else lam
         mu = lenvm.get("at_least_end_pull", 0.0)
-        reqs = length_following.make_requests(rows, wording, sub, common.model_name(url))
+        reqs = length_following.make_requests(rows, wording, sub, servers.model_name(url))
         errors = []
-        records = common.parallel_map(lambda q: length_following.run_one(url, q), reqs,
-                                      args.concurrency, rule_name(alpha, lam, mu), errors)
+        records = parallel.parallel_map(lambda q: length_following.run_one(url, q), reqs,
+                                        args.concurrency, rule_name(alpha, lam, mu), errors)
     records = [r for r in records if r is not None]
     return {"alpha": alpha, "lambda": lam if math.isfinite(lam) else None, "mu": mu,
             "server": server,
@@ -73,7 +73,7 @@ def _lam(rule: dict) -> float:
 
 
 def plot(result: dict, path) -> None:
-    plt = common.pyplot()
+    plt = reporting.pyplot()
     modes = result["settings"]["modes"]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.8 * len(modes), 4), squeeze=False)
     base = result["baseline"]
@@ -94,14 +94,14 @@ def plot(result: dict, path) -> None:
         ax.set_ylabel("length score")
         ax.set_title(mode)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result['prompt_set']} — {common.machine_line(result['machine'])}",
+    fig.suptitle(f"{result['prompt_set']} — {reporting.machine_line(result['machine'])}",
                  fontsize=8)
-    common.save_figure(fig, path)
+    reporting.save_figure(fig, path)
 
 
 def report(result: dict) -> str:
     st = result["settings"]
-    out = [common.machine_line(result["machine"]), f"prompts: {result['prompt_set']}", ""]
+    out = [reporting.machine_line(result["machine"]), f"prompts: {result['prompt_set']}", ""]
     rows = []
     for mode in st["modes"]:
         b = result["baseline"].get(mode) or {}
@@ -117,9 +117,9 @@ def report(result: dict) -> str:
                          length_following.pct(a["repetition"]),
                          length_following.pct(a.get("degenerate")),
                          length_following.pct(a["off_top3"])])
-    out.append(common.md_table(["rule", "mode", "LS avg", "NLL/token", "NLL gap",
-                                "NLL first N", "gap first N", "repetitive", "degenerate",
-                                "off top-3"], rows))
+    out.append(reporting.md_table(["rule", "mode", "LS avg", "NLL/token", "NLL gap",
+                                   "NLL first N", "gap first N", "repetitive", "degenerate",
+                                   "off top-3"], rows))
     return "\n".join(out)
 
 
@@ -142,13 +142,13 @@ def _earlier(args, fresh: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = common.parser(__doc__)
+    ap = servers.parser(__doc__)
     ap.add_argument("--rules", type=parse_rule, nargs="+",
                     help="ALPHA:LAMBDA[:MU] rules (plausibility floor : equal softness : "
                          "at_least end pull); one server each (not with --base-url, which "
                          "measures the server's own rule)")
     ap.add_argument("--lifebench", help="LIFEBench JSONL instead of our prompt set")
-    ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"))
+    ap.add_argument("--prompts", default=str(prompts.DATA / "length_prompts.jsonl"))
     ap.add_argument("--limit", type=int, help="N prompts spread evenly over the file")
     ap.add_argument("--targets", type=int, nargs="+", default=[16, 64, 128])
     ap.add_argument("--modes", nargs="+", choices=length_following.MODES,
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--system", help="a system message before each prompt")
     ap.add_argument("--extra-body", type=lambda s: __import__("json").loads(s), default={})
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--out", default=str(common.RESULTS / "decision_frontier.json"))
+    ap.add_argument("--out", default=str(reporting.RESULTS / "decision_frontier.json"))
     ap.add_argument("--append", action="store_true",
                     help="add the rules to the --out file of an earlier sweep with the same "
                          "prompts, targets, modes and sampling (its baseline is kept)")
@@ -171,10 +171,10 @@ def main(argv=None) -> dict:
         ap.error("give --rules (or --base-url for the running server's own rule)")
 
     path = args.lifebench or args.prompts
-    rows = common.spread(common.load_jsonl(path), args.limit)
+    rows = prompts.spread(prompts.load_jsonl(path), args.limit)
     wording = (length_following.LIFEBENCH_WORDING if args.lifebench
                else length_following.OUR_WORDING)
-    result = {**common.header(args), "prompt_set": path, "n_prompts": len(rows), "rules": []}
+    result = {**reporting.header(args), "prompt_set": path, "n_prompts": len(rows), "rules": []}
     if args.append:
         result = _earlier(args, result)
     for i, rule in enumerate(args.rules or [None]):
@@ -186,8 +186,8 @@ def main(argv=None) -> dict:
             result["baseline_records"] = [r for r in run["records"] if r["run"] == "baseline"]
             run["records"] = [r for r in run["records"] if r["run"] == "lenvm"]
         result["rules"].append(run)
-        common.write_json(args.out, result)  # partial results survive an interrupted sweep
-    return common.finish(result, args.out, plot, report)
+        reporting.write_json(args.out, result)  # partial results survive an interrupted sweep
+    return reporting.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ two servers side by side would slow each other) and measures:
    at a known position (#token - prompt tokens). Client-side streaming times are not used:
    the HTTP stream falls behind a fast model (chunks then arrive in bursts) and its per-chunk
    cost grows with the text, which would be measured instead of the step.
+   (SGLang's Prometheus endpoint has no per-step time at a known position: its
+   `sglang:gen_throughput` is the same number as a gauge, which a client can only sample.)
    Reported: the median step time of the log windows within --window tokens of each
-   position, pooled over --repeats requests, and the far / near ratio.
+   position, pooled over --repeats requests, and the far / near ratio; beside it, from the
+   LenVM's own Prometheus histogram (`sglang:lenvm_step_seconds`, the server runs with
+   --enable-metrics), the LenVM's mean host time per scored step over those requests.
 2. Output throughput (tokens / wall second) of unguided requests at --concurrency on our
    server with the LenVM loaded and on plain `sglang.launch_server` with the same base model,
    and of guided requests (K = 5, 15) on our server. The servers alternate for --rounds
@@ -35,8 +39,10 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.common import machine_info, model_paths, throughput, write_json
-from sglang_lenvm.server_process import Server
+from benchmarks.client import lenvm_metrics, throughput
+from benchmarks.reporting import machine_info, write_json
+from benchmarks.servers import model_paths
+from sglang_lenvm.testing.server_process import Server
 
 DECODE_LOG = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+),.*"
                         r"gen throughput \(token/s\): ([\d.]+)")
@@ -58,11 +64,16 @@ def step_times(log_path: Path, offset: int, prompt_tokens: int) -> list[tuple[in
 def position_profile(srv: Server, body: dict, positions: list[int], window: int,
                      repeats: int) -> dict:
     samples = []
+    before = lenvm_metrics(srv.url)
     for _ in range(repeats):
         offset = srv.log_path.stat().st_size
         r = requests.post(srv.url + "/v1/completions", json=body, timeout=3600)
         r.raise_for_status()
         samples += step_times(srv.log_path, offset, r.json()["usage"]["prompt_tokens"])
+    after = lenvm_metrics(srv.url)
+    key = "sglang:lenvm_step_seconds_{}{{phase=scoring}}"
+    steps = after.get(key.format("count"), 0) - before.get(key.format("count"), 0)
+    seconds = after.get(key.format("sum"), 0) - before.get(key.format("sum"), 0)
     out = {}
     for p in positions:
         near = [s for pos, s in samples if abs(pos - p) <= window]
@@ -71,6 +82,8 @@ def position_profile(srv: Server, body: dict, positions: list[int], window: int,
                                f"--decode-log-interval smaller than --window?")
         out[str(p)] = statistics.median(near)
     out["windows"] = len(samples)
+    out["lenvm_scoring_s_per_step"] = seconds / steps if steps else None
+    out["lenvm_scored_steps"] = steps
     return out
 
 
@@ -114,8 +127,8 @@ def main(argv=None) -> dict:
     samples = {name: [] for name in [*tp_runs, "plain_sglang"]}
 
     for rnd in range(args.rounds):
-        with Server(common + ["--lenvm-path", lenvm], logs / f"lenvm{rnd}.log",
-                    max_total_tokens=args.max_total_tokens) as srv:
+        with Server(common + ["--lenvm-path", lenvm, "--enable-metrics"],
+                    logs / f"lenvm{rnd}.log", max_total_tokens=args.max_total_tokens) as srv:
             if rnd == 0:
                 pos_body = {"model": "m", "prompt": args.prompt, "temperature": 1.0,
                             "max_tokens": far}
@@ -149,10 +162,13 @@ def report(r: dict) -> str:
     p0, p1 = r["settings"]["positions"]
     lines = [f"Machine: {r['machine']['cpu']} ({r['machine']['cpu_count']} cores), "
              f"GPU: {r['machine']['gpu']}, sglang {r['machine']['sglang']}", "",
-             f"| run (one request) | ms/step @ {p0} | ms/step @ {p1} | ratio |", "|---|---|---|---|"]
+             f"| run (one request) | ms/step @ {p0} | ms/step @ {p1} | ratio "
+             f"| LenVM ms/scored step (metrics) |", "|---|---|---|---|---|"]
     for name, v in r["step_s"].items():
+        lenvm = v.get("lenvm_scoring_s_per_step")
         lines.append(f"| {name} | {v[str(p0)] * 1e3:.2f} | {v[str(p1)] * 1e3:.2f} | "
-                     f"{v['ratio_far_near']:.2f} |")
+                     f"{v['ratio_far_near']:.2f} | "
+                     f"{'-' if lenvm is None else f'{lenvm * 1e3:.2f}'} |")
     lines += ["", f"| throughput (concurrency {r['settings']['concurrency']}) | tok/s (median) "
               f"| min–max |", "|---|---|---|"]
     for name, v in r["throughput_tok_s"].items():

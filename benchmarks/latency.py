@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from benchmarks import common
+from benchmarks import client, metrics, reporting, servers
 
 
 def request_body(run: str, model: str, prompt: str, tokens: int) -> dict:
@@ -66,7 +66,7 @@ def unique_prompt(prompt: str) -> str:
 
 
 def one_request(url: str, body: dict) -> dict:
-    s = common.stream_request(url, {**body, "prompt": unique_prompt(body["prompt"])})
+    s = client.stream_request(url, {**body, "prompt": unique_prompt(body["prompt"])})
     times = s["times"]
     if not times:
         raise RuntimeError("no tokens streamed")
@@ -78,8 +78,8 @@ def one_request(url: str, body: dict) -> dict:
 
 def summary(xs: list[float]) -> dict:
     xs = [x for x in xs if x is not None]
-    return {"mean": common.mean(xs), "p50": common.percentile(xs, 50),
-            "p90": common.percentile(xs, 90), "n": len(xs)}
+    return {"mean": metrics.mean(xs), "p50": metrics.percentile(xs, 50),
+            "p90": metrics.percentile(xs, 90), "n": len(xs)}
 
 
 def measure_level(url: str, body: dict, concurrency: int, rounds: int, warmup_tokens: int,
@@ -115,10 +115,10 @@ def position_curve(url: str, body: dict, positions: list[int], window: int, repe
     per_pos = {p: [] for p in positions}
     body = with_tokens(body, far)
     for _ in range(repeats):
-        times = common.stream_request(url, {**body, "prompt": unique_prompt(body["prompt"])})
+        times = client.stream_request(url, {**body, "prompt": unique_prompt(body["prompt"])})
         times = times["times"]
         for p in positions:
-            per_pos[p].append(common.latency_at(times, p, window))
+            per_pos[p].append(metrics.latency_at(times, p, window))
         bar.update(1)
     return {str(p): statistics.median(v) for p, v in per_pos.items()}
 
@@ -168,7 +168,7 @@ def _div(a, b):
 
 
 def plot(result: dict, path) -> None:
-    plt = common.pyplot()
+    plt = reporting.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     lv = result["levels"]
     for run, by_c in lv.items():
@@ -190,8 +190,8 @@ def plot(result: dict, path) -> None:
     ax.set_xlabel("generated position (tokens)")
     ax.set_title("ms/token vs position (concurrency 1)")
     ax.legend(fontsize=8)
-    fig.suptitle(common.machine_line(result["machine"]), fontsize=8)
-    common.save_figure(fig, path)
+    fig.suptitle(reporting.machine_line(result["machine"]), fontsize=8)
+    reporting.save_figure(fig, path)
 
 
 def ms(seconds):
@@ -204,22 +204,22 @@ def report(r: dict) -> str:
         for c, v in sorted(by_c.items(), key=lambda kv: int(kv[0])):
             rows.append([run, int(c), v["output_tok_s"], ms(v["itl_s"]["mean"]),
                          ms(v["itl_s"]["p90"]), ms(v["ttft_s"]["mean"]), ms(v["ttft_s"]["p90"])])
-    out = [common.machine_line(r["machine"]), "",
-           common.md_table(["run", "concurrency", "tok/s", "ITL ms", "ITL p90 ms", "TTFT ms",
-                            "TTFT p90 ms"], rows), ""]
+    out = [reporting.machine_line(r["machine"]), "",
+           reporting.md_table(["run", "concurrency", "tok/s", "ITL ms", "ITL p90 ms", "TTFT ms",
+                               "TTFT p90 ms"], rows), ""]
     rrows = [[name, int(c), v["output_tok_s"], v["itl_mean"], v["ttft_mean"]]
              for c, by in r["ratios"].items() for name, v in by.items()]
-    out += [common.md_table(["ratio", "concurrency", "tok/s", "ITL", "TTFT"], rrows)]
+    out += [reporting.md_table(["ratio", "concurrency", "tok/s", "ITL", "TTFT"], rrows)]
     if r["per_position_s"]:
         pos = list(next(iter(r["per_position_s"].values())))
-        out += ["", common.md_table(["run"] + [f"ms/tok @{p}" for p in pos],
-                                    [[run] + [curve[p] * 1e3 for p in pos]
-                                     for run, curve in r["per_position_s"].items()])]
+        out += ["", reporting.md_table(["run"] + [f"ms/tok @{p}" for p in pos],
+                                       [[run] + [curve[p] * 1e3 for p in pos]
+                                        for run, curve in r["per_position_s"].items()])]
     return "\n".join(out)
 
 
 def main(argv=None) -> dict:
-    ap = common.parser(__doc__)
+    ap = servers.parser(__doc__)
     ap.add_argument("--plain-base-url", help="a running plain SGLang server on the same base "
                     "model (with --base-url)")
     ap.add_argument("--plain-model-path", help="start plain SGLang on this base model (with "
@@ -238,15 +238,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--position-repeats", type=int, default=1)
     ap.add_argument("--prompt", default="Write a long story about a lighthouse keeper and the "
                                         "ships that pass by the rocky coast at night.")
-    ap.add_argument("--out", default=str(common.RESULTS / "latency.json"))
+    ap.add_argument("--out", default=str(reporting.RESULTS / "latency.json"))
     args = ap.parse_args(argv)
 
-    result = {**common.header(args), "server": None, "plain_server": None, "levels": {},
+    result = {**reporting.header(args), "server": None, "plain_server": None, "levels": {},
               "per_position_s": {}, "ratios": {}, "notes": []}
     runs = ["unguided"] + [f"guided_k{k}" for k in args.ks]
-    with common.lenvm_server(args, ap) as srv:
-        result["server"] = common.server_info(srv["url"])
-        measure_server(srv["url"], runs, args, common.model_name(srv["url"]), result)
+    with servers.lenvm_server(args, ap) as srv:
+        result["server"] = servers.server_info(srv["url"])
+        measure_server(srv["url"], runs, args, servers.model_name(srv["url"]), result)
         base = srv["base"]
     # A plain server started here runs after ours has stopped (if we started ours), so the two
     # do not share the machine.
@@ -254,15 +254,15 @@ def main(argv=None) -> dict:
         result["notes"].append("plain SGLang baseline skipped (--no-plain)")
     elif args.plain_base_url or args.plain_model_path or base:
         plain = (contextlib.nullcontext(args.plain_base_url.rstrip("/")) if args.plain_base_url
-                 else common.plain_server(args.plain_model_path or base, args))
+                 else servers.plain_server(args.plain_model_path or base, args))
         with plain as url:
-            result["plain_server"] = common.server_info(url)
-            measure_server(url, ["plain_sglang"], args, common.model_name(url), result)
+            result["plain_server"] = servers.server_info(url)
+            measure_server(url, ["plain_sglang"], args, servers.model_name(url), result)
     else:
         result["notes"].append("plain SGLang baseline not measured: --base-url without "
                                "--plain-base-url or --plain-model-path")
     result["ratios"] = ratios(result, args.ks)
-    return common.finish(result, args.out, plot, report)
+    return reporting.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks import common, quality
+from benchmarks import client, metrics, parallel, prompts, quality, reporting, servers
 
 MODES = ("equal", "at_most", "at_least")
 RUNS = ("baseline", "lenvm")
@@ -105,7 +105,7 @@ def make_requests(rows: list[dict], wording: dict, args, model: str) -> list[dic
 
 
 def run_one(url: str, req: dict) -> dict:
-    r = common.chat(url, req["body"])
+    r = client.chat(url, req["body"])
     choice = r["choices"][0]
     length = r["usage"]["completion_tokens"]
     ld = length_deviation(length, req["target"])
@@ -123,11 +123,11 @@ def cell(records: list[dict]) -> dict:
     lengths = [r["length"] for r in kept]
     return {"n": len(kept), "dropped": len(records) - len(kept),
             "truncated": sum(r["finish_reason"] == "length" for r in kept),
-            "mean_length": common.mean(lengths),
-            "median_length": common.percentile(lengths, 50),
-            "mean_ld": common.mean(r["ld"] for r in kept),
-            "deviation": common.mean(abs(r["ld"]) for r in kept),
-            "ls": common.mean(r["ls"] for r in kept), **quality.summarize(kept)}
+            "mean_length": metrics.mean(lengths),
+            "median_length": metrics.percentile(lengths, 50),
+            "mean_ld": metrics.mean(r["ld"] for r in kept),
+            "deviation": metrics.mean(abs(r["ld"]) for r in kept),
+            "ls": metrics.mean(r["ls"] for r in kept), **quality.summarize(kept)}
 
 
 def summarize(records: list[dict], args) -> dict:
@@ -158,13 +158,13 @@ def summarize(records: list[dict], args) -> dict:
 def average(cells) -> dict:
     """LIFEBench's AVG: the mean over targets of the per-target means (empty targets skipped)."""
     cells = [c for c in cells if c["n"]]
-    return {"ls": common.mean(c["ls"] for c in cells),
-            "deviation": common.mean(c["deviation"] for c in cells),
+    return {"ls": metrics.mean(c["ls"] for c in cells),
+            "deviation": metrics.mean(c["deviation"] for c in cells),
             "targets": len(cells)}
 
 
 def plot(result: dict, path_scores, path_lengths) -> None:
-    plt = common.pyplot()
+    plt = reporting.pyplot()
     s, settings = result["summary"], result["settings"]
     modes = settings["modes"]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), squeeze=False)
@@ -179,8 +179,9 @@ def plot(result: dict, path_scores, path_lengths) -> None:
         ax.set_ylabel("length score")
         ax.set_title(mode)
         ax.legend()
-    fig.suptitle(f"{result['prompt_set']} — {common.machine_line(result['machine'])}", fontsize=8)
-    common.save_figure(fig, path_scores)
+    fig.suptitle(f"{result['prompt_set']} — {reporting.machine_line(result['machine'])}",
+                 fontsize=8)
+    reporting.save_figure(fig, path_scores)
 
     # Output length vs target (median and interquartile range), one panel per mode.
     fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.8), squeeze=False)
@@ -193,10 +194,10 @@ def plot(result: dict, path_scores, path_lengths) -> None:
                       and r["target"] == t]
                 if ls:
                     xs.append(t * (1.04 if i else 0.96))  # side by side
-                    m = common.percentile(ls, 50)
+                    m = metrics.percentile(ls, 50)
                     med.append(m)
-                    lo.append(m - common.percentile(ls, 25))
-                    hi.append(common.percentile(ls, 75) - m)
+                    lo.append(m - metrics.percentile(ls, 25))
+                    hi.append(metrics.percentile(ls, 75) - m)
             ax.errorbar(xs, med, yerr=[lo, hi], fmt="o", capsize=3, label=run)
         ts = settings["targets"]
         ax.plot(ts, ts, "k--", lw=0.8, label="target")
@@ -206,12 +207,12 @@ def plot(result: dict, path_scores, path_lengths) -> None:
         ax.set_ylabel("completion tokens (median, IQR)")
         ax.set_title(mode)
         ax.legend(fontsize=8)
-    common.save_figure(fig, path_lengths)
+    reporting.save_figure(fig, path_lengths)
 
 
 def report(result: dict) -> str:
     s, st = result["summary"], result["settings"]
-    out = [common.machine_line(result["machine"]), f"prompts: {result['prompt_set']}", ""]
+    out = [reporting.machine_line(result["machine"]), f"prompts: {result['prompt_set']}", ""]
     rows = []
     for run in st["runs"]:
         for mode in st["modes"]:
@@ -223,11 +224,11 @@ def report(result: dict) -> str:
                          pct(avg.get("degenerate")), pct(avg["off_top3"]),
                          sum(c["dropped"] for c in per_t.values()),
                          sum(c["truncated"] for c in per_t.values())])
-    out.append(common.md_table(["run", "mode"] + [f"LS@{t}" for t in st["targets"]] +
-                               ["LS avg", "deviation (equal)", "NLL/token",
-                                "NLL, first N tokens", "repetitive", "degenerate",
-                                "off top-3",
-                                "dropped (L<=1)", "cut"], rows))
+    out.append(reporting.md_table(["run", "mode"] + [f"LS@{t}" for t in st["targets"]] +
+                                  ["LS avg", "deviation (equal)", "NLL/token",
+                                   "NLL, first N tokens", "repetitive", "degenerate",
+                                   "off top-3",
+                                   "dropped (L<=1)", "cut"], rows))
     if s["ls_improvement"]:
         out += ["", "LS improvement (lenvm - baseline): " + ", ".join(
             f"{m} {v:+.1f}" if v is not None else f"{m} –"
@@ -245,10 +246,10 @@ def pct(x):
 
 
 def main(argv=None) -> dict:
-    ap = common.parser(__doc__)
+    ap = servers.parser(__doc__)
     ap.add_argument("--lifebench", help="LIFEBench JSONL (id, category, type, lang, task, "
                                         "raw_data) instead of our prompt set")
-    ap.add_argument("--prompts", default=str(common.DATA / "length_prompts.jsonl"),
+    ap.add_argument("--prompts", default=str(prompts.DATA / "length_prompts.jsonl"),
                     help="our prompt set (LIFEBench format, used without --lifebench)")
     ap.add_argument("--limit", type=int, help="use N prompts spread evenly over the file "
                     "(our set is ordered by language and category, so every group stays)")
@@ -264,26 +265,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--extra-body", type=json.loads, default={},
                     help="JSON object merged into every request body (e.g. a decision knob)")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--out", default=str(common.RESULTS / "length_following.json"))
+    ap.add_argument("--out", default=str(reporting.RESULTS / "length_following.json"))
     args = ap.parse_args(argv)
 
     path = args.lifebench or args.prompts
-    rows = common.spread(common.load_jsonl(path), args.limit)
+    rows = prompts.spread(prompts.load_jsonl(path), args.limit)
     wording = LIFEBENCH_WORDING if args.lifebench else OUR_WORDING
-    result = {**common.header(args), "prompt_set": path, "n_prompts": len(rows)}
-    with common.lenvm_server(args, ap) as srv:
+    result = {**reporting.header(args), "prompt_set": path, "n_prompts": len(rows)}
+    with servers.lenvm_server(args, ap) as srv:
         url = srv["url"]
-        result["server"] = common.server_info(url)
-        reqs = make_requests(rows, wording, args, common.model_name(url))
+        result["server"] = servers.server_info(url)
+        reqs = make_requests(rows, wording, args, servers.model_name(url))
         errors = []
-        records = common.parallel_map(lambda q: run_one(url, q), reqs, args.concurrency,
-                                      "length following", errors)
+        records = parallel.parallel_map(lambda q: run_one(url, q), reqs, args.concurrency,
+                                        "length following", errors)
     result["errors"] = [{**e, "request": {k: v for k, v in reqs[e["index"]].items()
                                           if k != "body"}} for e in errors]
     records = [r for r in records if r is not None]
     result["summary"] = summarize(records, args)
     result["records"] = records
-    return common.finish(result, args.out, plot, report, plots=(".png", "_lengths.png"))
+    return reporting.finish(result, args.out, plot, report, plots=(".png", "_lengths.png"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-from benchmarks import common
+from benchmarks import client, metrics, parallel, prompts, reporting, servers
 from sglang_lenvm.returns import td_score
 
 
@@ -48,7 +48,7 @@ def token_scores(choice: dict, gamma: float) -> list[tuple[str, float]]:
 
 
 def sample(url: str, body: dict, gamma: float) -> dict:
-    r = common.chat(url, body)
+    r = client.chat(url, body)
     choice = r["choices"][0]
     return {"finish_reason": choice["finish_reason"],
             "length": r["usage"]["completion_tokens"],
@@ -105,7 +105,7 @@ def label(tok: str, glyphs: bool = True, plot: bool = False) -> str:
 
 
 def plot(result: dict, path) -> None:
-    plt = common.pyplot()
+    plt = reporting.pyplot()
     font = _label_font()
     a = result["tokens"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * max(len(a["lengthening"]),
@@ -121,49 +121,49 @@ def plot(result: dict, path) -> None:
         ax.set_title(f"most {key} tokens (count >= {result['settings']['min_count']})",
                      fontsize=9)
         ax.axvline(0, color="k", lw=0.5)
-    common.save_figure(fig, path)
+    reporting.save_figure(fig, path)
 
 
 def report(result: dict) -> str:
-    out = [common.machine_line(result["machine"]),
+    out = [reporting.machine_line(result["machine"]),
            f"gamma {result['gamma']}, {result['n_samples']} samples, "
            f"{result['n_scored_tokens']} scored tokens", ""]
     for key in ("lengthening", "shortening"):
         rows = [[label(r["token"]), r["count"], r["mean"], r["min"], r["max"]]
                 for r in result["tokens"][key]]
-        out += [f"most {key}:", common.md_table(["token", "count", "mean s", "min", "max"],
-                                                rows), ""]
+        out += [f"most {key}:", reporting.md_table(["token", "count", "mean s", "min", "max"],
+                                                   rows), ""]
     return "\n".join(out)
 
 
 def main(argv=None) -> dict:
-    ap = common.parser(__doc__)
-    common.add_sampling_args(ap, n=8, n_help="samples per prompt", max_tokens=1024)
+    ap = servers.parser(__doc__)
+    prompts.add_sampling_args(ap, n=8, n_help="samples per prompt", max_tokens=1024)
     ap.add_argument("--top", type=int, default=20, help="tokens per side in the table")
     ap.add_argument("--min-count", type=int, default=3)
-    ap.add_argument("--out", default=str(common.RESULTS / "length_tokens.json"))
+    ap.add_argument("--out", default=str(reporting.RESULTS / "length_tokens.json"))
     args = ap.parse_args(argv)
 
-    rows = common.spread(common.load_jsonl(args.prompts), args.limit)
-    result = common.header(args)
-    with common.lenvm_server(args, ap) as srv:
+    rows = prompts.spread(prompts.load_jsonl(args.prompts), args.limit)
+    result = reporting.header(args)
+    with servers.lenvm_server(args, ap) as srv:
         url = srv["url"]
-        result["server"] = common.server_info(url)
-        gamma = common.gamma_of(url)
-        model = common.model_name(url)
-        bodies = [common.sampling_body(args, model, common.plain_messages(r),
-                                       return_length_values=True, logprobs=True)
+        result["server"] = servers.server_info(url)
+        gamma = servers.gamma_of(url)
+        model = servers.model_name(url)
+        bodies = [prompts.sampling_body(args, model, prompts.plain_messages(r),
+                                        return_length_values=True, logprobs=True)
                   for r in rows for _ in range(args.n)]
-        samples = common.parallel_map(lambda b: sample(url, b, gamma), bodies,
-                                      args.concurrency, "sample")
+        samples = parallel.parallel_map(lambda b: sample(url, b, gamma), bodies,
+                                        args.concurrency, "sample")
     result.update(gamma=gamma, n_samples=len(samples),
                   n_scored_tokens=sum(len(s["scores"]) for s in samples),
                   cut=sum(s["finish_reason"] == "length" for s in samples),
                   trace_stopped=sum(s["trace_stopped"] for s in samples),
-                  mean_length=common.mean(s["length"] for s in samples))
+                  mean_length=metrics.mean(s["length"] for s in samples))
     result["tokens"] = aggregate(samples, args.top, args.min_count)
     result["occurrences"] = top_occurrences(samples, args.top)
-    return common.finish(result, args.out, plot, report)
+    return reporting.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

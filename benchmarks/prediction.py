@@ -24,51 +24,51 @@ from __future__ import annotations
 
 import math
 
-from benchmarks import common
+from benchmarks import client, metrics, parallel, prompts, reporting, servers
 
 
 def l_gt(lengths: list[int], gamma: float) -> float:
     """Eqs. 13-14: the length whose return is the mean return of the samples."""
-    mu_u = common.mean(1 - gamma ** n for n in lengths)
+    mu_u = metrics.mean(1 - gamma ** n for n in lengths)
     return math.log1p(-mu_u) / math.log(gamma)
 
 
 def predict(url: str, messages: list[dict]) -> dict:
-    return common.post(url, "/v1/length/predict", {"messages": messages})
+    return client.post(url, "/v1/length/predict", {"messages": messages})
 
 
 def sample(url: str, body: dict) -> dict:
-    r = common.chat(url, body)
+    r = client.chat(url, body)
     return {"length": r["usage"]["completion_tokens"],
             "finish_reason": r["choices"][0]["finish_reason"]}
 
 
 def evaluate_prompt(row: dict, pred: dict, samples: list[dict], gamma: float) -> dict:
     lengths = [s["length"] for s in samples]
-    gt, mean_len = l_gt(lengths, gamma), common.mean(lengths)
+    gt, mean_len = l_gt(lengths, gamma), metrics.mean(lengths)
     l_hat = pred["predicted_length"]
     return {"id": row.get("id"), "category": row.get("category"), "lang": row.get("lang"),
             "predicted_length": l_hat, "p0": pred["value"], "prompt_tokens": pred["prompt_tokens"],
             "lengths": lengths, "truncated": sum(s["finish_reason"] == "length" for s in samples),
             "l_gt": gt, "mean_length": mean_len,
-            "mu_u": common.mean(1 - gamma ** n for n in lengths),
+            "mu_u": metrics.mean(1 - gamma ** n for n in lengths),
             "rel_err_gt": abs(l_hat - gt) / gt, "rel_err_mean": abs(l_hat - mean_len) / mean_len}
 
 
 def aggregate(per_prompt: list[dict]) -> dict:
     return {"prompts": len(per_prompt),
-            "mre_l_gt": common.mean(p["rel_err_gt"] for p in per_prompt),
-            "mre_mean_length": common.mean(p["rel_err_mean"] for p in per_prompt),
-            "mae_value": common.mean(abs(p["p0"] - p["mu_u"]) for p in per_prompt),
-            "mean_predicted_length": common.mean(p["predicted_length"] for p in per_prompt),
-            "mean_l_gt": common.mean(p["l_gt"] for p in per_prompt),
-            "mean_length": common.mean(p["mean_length"] for p in per_prompt),
+            "mre_l_gt": metrics.mean(p["rel_err_gt"] for p in per_prompt),
+            "mre_mean_length": metrics.mean(p["rel_err_mean"] for p in per_prompt),
+            "mae_value": metrics.mean(abs(p["p0"] - p["mu_u"]) for p in per_prompt),
+            "mean_predicted_length": metrics.mean(p["predicted_length"] for p in per_prompt),
+            "mean_l_gt": metrics.mean(p["l_gt"] for p in per_prompt),
+            "mean_length": metrics.mean(p["mean_length"] for p in per_prompt),
             "samples": sum(len(p["lengths"]) for p in per_prompt),
             "truncated": sum(p["truncated"] for p in per_prompt)}
 
 
 def plot(result: dict, path) -> None:
-    plt = common.pyplot()
+    plt = reporting.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     pp = result["per_prompt"]
     groups = sorted({(p["category"] or "-", p["lang"] or "-") for p in pp})
@@ -87,39 +87,40 @@ def plot(result: dict, path) -> None:
     ax.set_title(f"MRE vs L_GT {100 * o['mre_l_gt']:.1f}%, vs mean length "
                  f"{100 * o['mre_mean_length']:.1f}% (n={result['settings']['n']})", fontsize=9)
     ax.legend(fontsize=7)
-    common.save_figure(fig, path)
+    reporting.save_figure(fig, path)
 
 
 def report(result: dict) -> str:
     rows = [[name, g["prompts"], 100 * g["mre_l_gt"], 100 * g["mre_mean_length"], g["mae_value"],
              g["mean_predicted_length"], g["mean_l_gt"], g["mean_length"], g["truncated"]]
             for name, g in [("all", result["overall"]), *result["by_group"].items()]]
-    return "\n".join([common.machine_line(result["machine"]), f"gamma {result['gamma']}, "
+    return "\n".join([reporting.machine_line(result["machine"]), f"gamma {result['gamma']}, "
                       f"n = {result['settings']['n']} samples per prompt", "",
-                      common.md_table(["group", "prompts", "MRE vs L_GT %", "MRE vs mean %",
-                                       "abs(p0 - mu_u)", "mean L_hat", "mean L_GT", "mean L",
-                                       "truncated"], rows)])
+                      reporting.md_table(["group", "prompts", "MRE vs L_GT %", "MRE vs mean %",
+                                          "abs(p0 - mu_u)", "mean L_hat", "mean L_GT", "mean L",
+                                          "truncated"], rows)])
 
 
 def main(argv=None) -> dict:
-    ap = common.parser(__doc__)
-    common.add_sampling_args(ap, n=16, n_help="samples per prompt (the paper: 64)", max_tokens=2048)
-    ap.add_argument("--out", default=str(common.RESULTS / "prediction.json"))
+    ap = servers.parser(__doc__)
+    prompts.add_sampling_args(ap, n=16, n_help="samples per prompt (the paper: 64)",
+                              max_tokens=2048)
+    ap.add_argument("--out", default=str(reporting.RESULTS / "prediction.json"))
     args = ap.parse_args(argv)
 
-    rows = common.spread(common.load_jsonl(args.prompts), args.limit)
-    result = common.header(args)
-    with common.lenvm_server(args, ap) as srv:
+    rows = prompts.spread(prompts.load_jsonl(args.prompts), args.limit)
+    result = reporting.header(args)
+    with servers.lenvm_server(args, ap) as srv:
         url = srv["url"]
-        result["server"] = common.server_info(url)
-        model = common.model_name(url)
-        messages = [common.plain_messages(r) for r in rows]
+        result["server"] = servers.server_info(url)
+        model = servers.model_name(url)
+        messages = [prompts.plain_messages(r) for r in rows]
         # Predictions first: they are prefill-only, and then cache the prompts for the samples.
-        preds = common.parallel_map(lambda m: predict(url, m), messages, args.concurrency,
-                                    "predict")
-        bodies = [common.sampling_body(args, model, m) for m in messages for _ in range(args.n)]
-        samples = common.parallel_map(lambda b: sample(url, b), bodies, args.concurrency,
-                                      "sample")
+        preds = parallel.parallel_map(lambda m: predict(url, m), messages, args.concurrency,
+                                      "predict")
+        bodies = [prompts.sampling_body(args, model, m) for m in messages for _ in range(args.n)]
+        samples = parallel.parallel_map(lambda b: sample(url, b), bodies, args.concurrency,
+                                        "sample")
     gamma = preds[0]["gamma"]
     result["gamma"] = gamma
     pp = [evaluate_prompt(r, p, samples[i * args.n:(i + 1) * args.n], gamma)
@@ -127,10 +128,10 @@ def main(argv=None) -> dict:
     result["overall"] = aggregate(pp)
     groups = sorted({(p["category"], p["lang"]) for p in pp if p["category"] or p["lang"]},
                     key=str)
-    result["by_group"] = {f"{c}/{l}": aggregate([p for p in pp if (p["category"], p["lang"])
-                                                 == (c, l)]) for c, l in groups}
+    result["by_group"] = {f"{c}/{lang}": aggregate([p for p in pp if (p["category"], p["lang"])
+                                                    == (c, lang)]) for c, lang in groups}
     result["per_prompt"] = pp
-    return common.finish(result, args.out, plot, report)
+    return reporting.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

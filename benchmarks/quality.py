@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from typing import Iterable, Optional
 
-from benchmarks import common
+from benchmarks import client, metrics
 
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
@@ -60,7 +60,7 @@ def score_tokens(url: str, prompt_ids: list[int], output_ids: list[int]) -> dict
     """The base model's view of an output: mean NLL per token and the off-top-3 share."""
     if not output_ids:
         return {"nll": None, "off_top3": None, "scored_tokens": 0}
-    r = common.post(url, "/generate", {
+    r = client.post(url, "/generate", {
         "input_ids": list(prompt_ids) + list(output_ids),
         "sampling_params": {"max_new_tokens": 0},
         "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1,
@@ -90,10 +90,10 @@ def head_nll(record: dict) -> Optional[float]:
 def summarize(records: Iterable[dict]) -> dict:
     recs = [r for r in records if r.get("nll") is not None]
     tokens = sum(r["scored_tokens"] for r in recs)
-    return {"nll": common.mean(r["nll"] for r in recs),
-            "nll_head": common.mean(h for h in map(head_nll, recs) if h is not None),
-            "repetition": common.mean(float(r["repetitive"]) for r in recs),
-            "degenerate": common.mean(float(r["degenerate"]) for r in recs),
+    return {"nll": metrics.mean(r["nll"] for r in recs),
+            "nll_head": metrics.mean(h for h in map(head_nll, recs) if h is not None),
+            "repetition": metrics.mean(float(r["repetitive"]) for r in recs),
+            "degenerate": metrics.mean(float(r["degenerate"]) for r in recs),
             "off_top3": (sum(r["off_top3"] * r["scored_tokens"] for r in recs) / tokens
                          if tokens else None)}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import tempfile
 import threading
 import time
@@ -31,7 +30,9 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.common import machine_info, model_paths, write_json
+from benchmarks.reporting import machine_info, write_json
+from benchmarks.servers import model_paths
+from sglang_lenvm.summary_stats import percentile
 
 SHARED = "You are a helpful assistant. Answer carefully and completely. " * 8
 
@@ -104,8 +105,8 @@ class Client(threading.Thread):
                         "max_new_tokens": body["max_tokens"], "temperature": body["temperature"],
                         **{k: body[k] for k in ("length_target", "length_mode", "beta",
                                                 "return_length_values") if k in body}}}
-                    th = threading.Thread(target=lambda: requests.post(
-                        self.url + "/generate", json=gen, timeout=300))
+                    th = threading.Thread(target=requests.post, args=(self.url + "/generate",),
+                                          kwargs={"json": gen, "timeout": 300})
                     th.start()
                     time.sleep(self.rng.uniform(0, 0.5))
                     requests.post(self.url + "/abort_request", json={"rid": rid}, timeout=60)
@@ -114,7 +115,7 @@ class Client(threading.Thread):
                     with requests.post(self.url + "/v1/completions", json={**body, "stream": True},
                                        stream=True, timeout=300) as resp:
                         ok = resp.status_code == 200
-                        lines = [l for l in resp.iter_lines(decode_unicode=True) if l]
+                        lines = [x for x in resp.iter_lines(decode_unicode=True) if x]
                         ok = ok and lines[-1] == "data: [DONE]"
                         note = "" if ok else f"stream {resp.status_code}: {lines[-1:]}"
                 else:
@@ -146,10 +147,7 @@ def run_phase(url, seconds, clients, guided_share, seed):
 
 
 def percentiles(values):
-    if not values:
-        return {"p50": None, "p99": None, "n": 0}
-    v = sorted(values)
-    return {"p50": statistics.median(v), "p99": v[min(len(v) - 1, int(0.99 * len(v)))], "n": len(v)}
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99), "n": len(values)}
 
 
 def main(argv=None) -> int:
@@ -174,7 +172,7 @@ def main(argv=None) -> int:
     if args.base_url:
         url, pid = args.base_url, args.server_pid
     else:
-        from sglang_lenvm.server_process import Server
+        from sglang_lenvm.testing.server_process import Server
 
         base, lenvm, models_tmp = model_paths(args, ap)  # models_tmp: keep tiny models alive
         server = Server(["--model-path", base, "--lenvm-path", lenvm], Path(tmp.name) / "soak.log",

@@ -38,7 +38,7 @@ import random
 import re
 from typing import Optional
 
-from benchmarks import common
+from benchmarks import client, metrics, parallel, reporting, servers
 
 PROMPT = "Please reason step by step, and put your final answer within \\boxed{{}}.\n\n{q}"
 NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi",
@@ -191,16 +191,16 @@ def point(samples: list[dict], budget: Optional[int] = None) -> dict:
     """Accuracy and mean truncated length; with a budget, longer samples are wrong and cut."""
     cap = budget if budget is not None else float("inf")
     return {"n": len(samples),
-            "accuracy": common.mean(s["correct"] and s["length"] <= cap for s in samples),
-            "mean_truncated_length": common.mean(min(s["length"], cap) for s in samples),
-            "mean_length": common.mean(s["length"] for s in samples),
+            "accuracy": metrics.mean(s["correct"] and s["length"] <= cap for s in samples),
+            "mean_truncated_length": metrics.mean(min(s["length"], cap) for s in samples),
+            "mean_length": metrics.mean(s["length"] for s in samples),
             "cut": sum(s["finish_reason"] == "length" or s["length"] > cap for s in samples),
             "extraction": {k: sum(s["extraction"] == k for s in samples)
                            for k in ("boxed", "last_number", "none")}}
 
 
 def plot(result: dict, path) -> None:
-    plt = common.pyplot()
+    plt = reporting.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     b = result["budget"]
     xs = [v["mean_truncated_length"] for v in b.values()]
@@ -223,7 +223,7 @@ def plot(result: dict, path) -> None:
     ax.set_title(f"{s['problems']} {s['level']} problems x {s['n']} samples, top_k {s['top_k']}, "
                  f"min_p {s['min_p']}", fontsize=9)
     ax.legend()
-    common.save_figure(fig, path)
+    reporting.save_figure(fig, path)
 
 
 def report(result: dict) -> str:
@@ -231,13 +231,13 @@ def report(result: dict) -> str:
             for k, v in result["beta"].items()]
     rows += [[f"budget {k}", 100 * v["accuracy"], v["mean_truncated_length"], v["cut"], v["n"]]
              for k, v in result["budget"].items()]
-    return "\n".join([common.machine_line(result["machine"]), "",
-                      common.md_table(["run", "Pass@1 %", "mean truncated length", "cut", "n"],
-                                      rows)])
+    return "\n".join([reporting.machine_line(result["machine"]), "",
+                      reporting.md_table(["run", "Pass@1 %", "mean truncated length", "cut", "n"],
+                                         rows)])
 
 
 def main(argv=None) -> dict:
-    ap = common.parser(__doc__)
+    ap = servers.parser(__doc__)
     ap.add_argument("--problems", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--level", choices=sorted(TEMPLATES), default="gsm",
@@ -250,20 +250,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--top-k", type=int, default=15)
     ap.add_argument("--min-p", type=float, default=0.01)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--out", default=str(common.RESULTS / "tradeoff.json"))
+    ap.add_argument("--out", default=str(reporting.RESULTS / "tradeoff.json"))
     args = ap.parse_args(argv)
     if 0 not in args.betas:  # the budget baseline is cut from the beta = 0 samples
         args.betas = [0.0] + args.betas
     budgets = [b for b in args.budgets if b <= args.max_tokens]
 
     problems = make_problems(args.problems, args.seed, args.level)
-    result = {**common.header(args), "problems": problems,
+    result = {**reporting.header(args), "problems": problems,
               "notes": [f"budgets above --max-tokens skipped: {b}" for b in args.budgets
                         if b > args.max_tokens]}
-    with common.lenvm_server(args, ap) as srv:
+    with servers.lenvm_server(args, ap) as srv:
         url = srv["url"]
-        result["server"] = common.server_info(url)
-        model = common.model_name(url)
+        result["server"] = servers.server_info(url)
+        model = servers.model_name(url)
         jobs = [(beta, p) for beta in args.betas for p in problems for _ in range(args.n)]
 
         def run(job):
@@ -272,14 +272,14 @@ def main(argv=None) -> dict:
                                                   "content": PROMPT.format(q=p["question"])}],
                     "max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0,
                     "min_p": args.min_p, "top_k": args.top_k, "beta": beta}
-            return {"beta": beta, **grade(p, common.chat(url, body))}
+            return {"beta": beta, **grade(p, client.chat(url, body))}
 
-        samples = common.parallel_map(run, jobs, args.concurrency, "tradeoff")
+        samples = parallel.parallel_map(run, jobs, args.concurrency, "tradeoff")
     by_beta = {b: [s for s in samples if s["beta"] == b] for b in args.betas}
     result["beta"] = {f"{b:g}": point(v) for b, v in by_beta.items()}
     result["budget"] = {str(B): point(by_beta[0], B) for B in budgets}
     result["samples"] = samples
-    return common.finish(result, args.out, plot, report)
+    return reporting.finish(result, args.out, plot, report)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ SGLang's sampler calls those. So this file reads the logits exactly once:
    p_max, p > 0, and slot 0 always kept when it has mass.
 
 The row's log-sum-exp is returned too (`return_lse=True`): the scorer needs the full-vocabulary
-probability of each row's stop token for at_most rows, which today costs a second softmax over
-[B, V]; with the lse it is exp(logit / T - lse) for one gathered logit per row.
+probability of each row's stop token for at_most rows, which would otherwise cost a second
+softmax over [B, V]; with the lse it is exp(logit / T - lse) for one gathered logit per row.
 
 Slots past the last finite logit (fewer than K tokens left by a grammar mask) get base_prob 0,
 valid False and id 0, where torch.topk would put arbitrary zero-probability ids; equal scaled
@@ -30,11 +30,20 @@ logits may come out in a different order than torch.topk's (which is itself unsp
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from sglang_lenvm.runtime.decision import Candidates
+
+
+class CandidateTensors(NamedTuple):
+    """The fields of the runtime's `Candidates` (this module is a leaf: no runtime import)."""
+
+    ids: torch.Tensor  # [B, K] int64 token ids, by descending base probability
+    base_prob: torch.Tensor  # [B, K] float32 base probability (after temperature, full vocab)
+    valid: torch.Tensor  # [B, K] bool: inside the row's top-k / top-p / min-p truncation
 
 TARGET_PROGRAMS = 264  # ~2 per SM of an H100; untuned
 MIN_CHUNK = 4096
@@ -151,7 +160,7 @@ def select_candidates_triton(logits: torch.Tensor, temperature: torch.Tensor,
     valid = torch.empty((B, k), dtype=torch.bool, device=dev)
     lse = torch.empty((B,), dtype=torch.float32, device=dev)
     if B == 0 or k == 0:
-        cand = Candidates(ids=ids, base_prob=base, valid=valid)
+        cand = CandidateTensors(ids=ids, base_prob=base, valid=valid)
         return (cand, lse) if return_lse else cand
 
     # Vocabulary chunks: enough programs to fill the GPU, chunks of at least MIN_CHUNK.
@@ -174,5 +183,5 @@ def select_candidates_triton(logits: torch.Tensor, temperature: torch.Tensor,
         chunks, k, ids.stride(0), base.stride(0), valid.stride(0),
         K_PAD=k_pad, K_OUT=k_pad, BLOCK_C=max(2, triton.next_power_of_2(chunks)), num_warps=4,
     )
-    cand = Candidates(ids=ids, base_prob=base, valid=valid)
+    cand = CandidateTensors(ids=ids, base_prob=base, valid=valid)
     return (cand, lse) if return_lse else cand

@@ -1,8 +1,11 @@
 """Fused LenVM value head + per-request length decision in Triton (two launches).
 
-Reference (torch): `ValueHead` (z = summary(SiLU(fc(h.float())))), p = sigmoid(z),
-`force_stop_value`, the NaN handling of `scorer.score_step`, and `decide`
-(`reference_value_head_decision` below composes exactly those).
+Reference (torch): the runtime's `ValueHead` (z = summary(SiLU(fc(h.float())))),
+p = sigmoid(z), then `decide_from_values` (stop tokens, NaN handling, `decide`);
+tests/test_kernel_value_head_decision.py composes exactly those.
+
+A leaf module: nothing here imports the runtime. The mode codes and the equal distance arrive
+as arguments (compile-time constants of the kernel); results are plain tensors.
 
 Why two launches, not one: the decision for a request needs the values of all its candidates,
 and each value needs a full H-wide reduction of the fc output. Computing fc for a request's
@@ -22,28 +25,25 @@ fast) leaves partial z sums in different programs, and Triton has no grid-wide b
    greedy argmax, writing q over the candidate slots.
 
 Rows of `hidden` are request-major star trees: row b * T + t, t = 0 the root when has_root, and
-candidate slot j at t = has_root + j. Mode codes are those of `length_state` (0 none, 1 equal,
-2 at_most, 3 at_least).
+candidate slot j at t = has_root + j. `mode` holds the caller's codes, given as `mode_codes`
+(equal, at_most, at_least); any other code steers nothing.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from sglang_lenvm.config import DEFAULT_EQUAL_DISTANCE
-from sglang_lenvm.runtime.decision import (
-    Candidates,
-    HeadDecision,
-    decide_from_values,
-    equal_uses_ratio,
-)
 
-# The kernel spells the mode codes of sglang_lenvm.runtime.length_state as literals:
-MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST = 1, 2, 3
+class DecisionTensors(NamedTuple):
+    p_all: torch.Tensor  # [B, T] sigmoid(z) of every tree row (root included), raw
+    p_cand: torch.Tensor  # [B, K] candidate values: stop tokens 0, NaN -> 0
+    q: torch.Tensor  # [B, K] distribution over the candidate slots (one-hot if chosen)
+    cand_ok: torch.Tensor  # [B] bool: every valid candidate had a finite value
 
 
 @triton.jit
@@ -94,6 +94,7 @@ def _decision_kernel(
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr, EQUAL_RATIO: tl.constexpr, SOFT_EQUAL: tl.constexpr,
     HAS_MUST_STOP: tl.constexpr,
+    EQUAL: tl.constexpr, AT_MOST: tl.constexpr, AT_LEAST: tl.constexpr,
 ):
     b = tl.program_id(0)
     bias = tl.load(SUMMARY_BIAS)
@@ -128,7 +129,7 @@ def _decision_kernel(
     tl.store(P_CAND + b * stride_pc + offs_k, p, mask=k_ok)
 
     # Predicted remaining length and the budget left after this token (decide()).
-    # clamp to 1 - float32 eps as remaining_length() does
+    # clamp to 1 - float32 eps as returns.remaining_from_p does for float32
     length = _log1p_neg(tl.minimum(tl.maximum(p, 0.0), 1.0 - 1.1920928955078125e-07)) / log_gamma
     mode = tl.load(MODE + b)
     r = tl.maximum(tl.load(TARGET + b) - tl.load(GENERATED + b) - 1, 0).to(tl.float32)
@@ -142,23 +143,23 @@ def _decision_kernel(
         dist = tl.where(plausible, tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)), INF)
     else:
         dist = tl.where(plausible, tl.abs(length - r), INF)
-    admissible = tl.where(mode == 2, length < r + 0.5,
-                          tl.where(mode == 3, length > r - 0.5, True)) & plausible
+    admissible = tl.where(mode == AT_MOST, length < r + 0.5,
+                          tl.where(mode == AT_LEAST, length > r - 0.5, True)) & plausible
     # at_most with budget left where only stop tokens fit: the shortest non-stop candidate is
     # admissible too (decide()), so a LenVM that predicts every continuation too long does
     # not end the output at once.
     go_on = plausible & ~is_stop & k_ok
     shortest = offs_k == tl.argmin(tl.where(go_on, length, INF), 0, tie_break_left=True)
     go_on_fits = tl.sum((admissible & go_on).to(tl.int32), 0) > 0
-    rescue = (mode == 2) & (r >= 0.5) & ~go_on_fits
+    rescue = (mode == AT_MOST) & (r >= 0.5) & ~go_on_fits
     admissible = admissible | (rescue & shortest & go_on)
     none_ok = tl.sum(admissible.to(tl.int32), 0) == 0
-    fallback = tl.where(mode == 2, tl.where(plausible, length, INF),
+    fallback = tl.where(mode == AT_MOST, tl.where(plausible, length, INF),
                         tl.where(plausible, -length, INF))
-    deterministic = ((mode == 2) | (mode == 3)) & none_ok
+    deterministic = ((mode == AT_MOST) | (mode == AT_LEAST)) & none_ok
     if not SOFT_EQUAL:
-        deterministic = deterministic | (mode == 1)
-    pick_score = tl.where(mode == 1, dist, fallback)
+        deterministic = deterministic | (mode == EQUAL)
+    pick_score = tl.where(mode == EQUAL, dist, fallback)
     pick_score = tl.where(k_ok, pick_score, INF)
     # first minimum: slots are sorted by base probability, ties go to the more likely token
     one_hot = (offs_k == tl.argmin(pick_score, 0, tie_break_left=True)).to(tl.float32)
@@ -171,9 +172,9 @@ def _decision_kernel(
     logq = tl.where(admissible, log_base + tl.load(BETA + b) * p, float("-inf"))
     if SOFT_EQUAL:
         soft = tl.where(plausible, log_base - softness * dist, float("-inf"))
-        logq = tl.where(mode == 1, soft, logq)
+        logq = tl.where(mode == EQUAL, soft, logq)
     # at_least past its target: a soft pull toward ending (decide())
-    past = (mode == 3) & (tl.load(GENERATED + b) + 1 >= tl.load(TARGET + b)) & (end_pull > 0)
+    past = (mode == AT_LEAST) & (tl.load(GENERATED + b) + 1 >= tl.load(TARGET + b)) & (end_pull > 0)
     pull = log_base + tl.load(BETA + b) * p - end_pull * tl.log(1.0 + length)
     logq = tl.where(past, tl.where(plausible, pull, float("-inf")), logq)
     deterministic = deterministic & ~past
@@ -228,7 +229,8 @@ def value_head_partials(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: 
 
 def value_head_triton(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: torch.Tensor,
                       summary_weight: torch.Tensor, summary_bias: torch.Tensor) -> torch.Tensor:
-    """Raw values z [N] (float32) like `ValueHead.forward`, for forwards without a decision."""
+    """Raw values z [N] (float32) like the runtime's `ValueHead`, for forwards without a
+    decision."""
     zpart = value_head_partials(hidden, fc_weight, fc_bias, summary_weight)
     return zpart.sum(0) + summary_bias.float()
 
@@ -236,18 +238,20 @@ def value_head_triton(hidden: torch.Tensor, fc_weight: torch.Tensor, fc_bias: to
 def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
                                ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
                                generated, beta, greedy, gamma: float,
-                               equal_distance: str = DEFAULT_EQUAL_DISTANCE,
+                               mode_codes: Tuple[int, int, int], equal_ratio: bool,
                                plausibility: float = 0.0, equal_softness: float = math.inf,
-                               at_least_end_pull: float = 0.0, must_stop=None) -> HeadDecision:
+                               at_least_end_pull: float = 0.0, must_stop=None) -> DecisionTensors:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
-    padded; mode / target / generated / beta / greedy / must_stop [B] and the rule's knobs as
-    in `decide`.
+    padded; mode / target / generated / beta / greedy / must_stop [B]; mode_codes the values
+    of `mode` that mean (equal, at_most, at_least); equal_ratio: equal compares
+    ln(1 + length) (else the length itself); the other knobs as in the runtime's `decide`.
     """
     B, K = ids.shape
     T = K + int(has_root)
     assert hidden.shape[0] == B * T and K >= 1, (hidden.shape, ids.shape, has_root)
+    equal, at_most, at_least = (int(c) for c in mode_codes)
     dev = hidden.device
     zpart = value_head_partials(hidden, fc_weight, fc_bias, summary_weight)
     p_all = torch.empty((B, T), dtype=torch.float32, device=dev)
@@ -255,7 +259,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
     q = torch.empty((B, K), dtype=torch.float32, device=dev)
     cand_ok = torch.empty((B,), dtype=torch.bool, device=dev)
     if B == 0:
-        return HeadDecision(p_all, p_cand, q, cand_ok)
+        return DecisionTensors(p_all, p_cand, q, cand_ok)
     stop_ids = stop_ids if stop_ids.numel() else torch.full((B, 1), -1, dtype=torch.int64,
                                                              device=dev)
     # the kernel indexes rows by stride and elements contiguously (no-ops for the scorer's tensors)
@@ -274,28 +278,8 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
         BLOCK_K=max(2, triton.next_power_of_2(K)),
         BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])),
-        EQUAL_RATIO=equal_uses_ratio(equal_distance), SOFT_EQUAL=soft,
-        HAS_MUST_STOP=must_stop is not None, num_warps=1,
+        EQUAL_RATIO=bool(equal_ratio), SOFT_EQUAL=soft,
+        HAS_MUST_STOP=must_stop is not None, EQUAL=equal, AT_MOST=at_most, AT_LEAST=at_least,
+        num_warps=1,
     )
-    return HeadDecision(p_all, p_cand, q, cand_ok)
-
-
-def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, summary_bias, *,
-                                  ids, base_prob, valid, stop_ids, has_root: bool, mode, target,
-                                  generated, beta, greedy, gamma: float,
-                                  equal_distance: str = DEFAULT_EQUAL_DISTANCE,
-                                  plausibility: float = 0.0, equal_softness: float = math.inf,
-                                  at_least_end_pull: float = 0.0,
-                                  must_stop=None) -> HeadDecision:
-    """The torch path of the scorer: ValueHead math, sigmoid, then `decide_from_values`."""
-    B, K = ids.shape
-    fc = torch.nn.functional.linear(hidden.float(), fc_weight, fc_bias)
-    z = torch.nn.functional.linear(torch.nn.functional.silu(fc), summary_weight.view(1, -1),
-                                   summary_bias.view(-1)).squeeze(-1)
-    p_all = torch.sigmoid(z).view(B, K + int(has_root))
-    return decide_from_values(p_all, Candidates(ids=ids, base_prob=base_prob, valid=valid),
-                              stop_ids, has_root=has_root, mode=mode, target=target,
-                              generated=generated, beta=beta, greedy=greedy, gamma=gamma,
-                              equal_distance=equal_distance, plausibility=plausibility,
-                              equal_softness=equal_softness,
-                              at_least_end_pull=at_least_end_pull, must_stop=must_stop)
+    return DecisionTensors(p_all, p_cand, q, cand_ok)

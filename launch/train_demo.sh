@@ -10,11 +10,8 @@
 #
 # Usage: launch/train_demo.sh [WORK_DIR]   (default /tmp/sglang-lenvm-demo)
 # Sampling resumes where it stopped. CPU sampling is not seeded, so a rerun gives a
-# statistically equivalent LenVM, not identical bytes. The shipped assets were made with these
-# commands except that training-set sampling was stopped after 926 of the 1362 completions
-# (every prompt x 3, 97 of them x 4-6) to fit the time budget; see docs/training.md for that
-# run's numbers and timings, and for a run on all 1362 (held-out MRE 27.7% vs 29.0% against 24
-# samples per prompt, 30.5% vs 30.1% against 12: within the noise).
+# statistically equivalent LenVM, not identical bytes. How the shipped assets were made (and
+# how they differ from a full run of this script): docs/training.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -22,9 +19,7 @@ WORK="${1:-/tmp/sglang-lenvm-demo}"
 PORT="${PORT:-31500}"
 mkdir -p "$WORK"
 # On a CPU shared with other work, OpenMP's default spin-waiting threads collapse throughput
-# (measured on the 2-core machine under load: SGLang decode at batch 32 went from 11 tok/s
-# with 2 spinning threads to 88 tok/s with 1 thread; the frozen-layer forward ran at 55 tok/s
-# with 2 spinning threads, 170 with 1 thread, 316 with 2 passive threads).
+# (measured: docs/training.md, "CPU notes").
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 

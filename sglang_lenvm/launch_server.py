@@ -1,16 +1,7 @@
 """`python -m sglang_lenvm.launch_server`: SGLang's server with a co-located LenVM.
 
-Takes every `sglang.launch_server` argument plus:
-  --lenvm-path PATH     LenVM checkpoint (published layout: backbone + value head)
-  --lenvm-gamma G       discount factor (default: `lenvm_gamma` in its config.json, else 0.997)
-  --lenvm-top-k K       candidates per step when a guided request sets no top_k (default 15)
-  --lenvm-equal-distance {ratio,tokens}
-                        how `equal` measures the closest candidate (default ratio)
-  --lenvm-equal-max-overshoot F
-                        `equal` outputs end by (1 + F) x target tokens (default 0.25; inf: off)
-  --lenvm-plausibility ALPHA, --lenvm-equal-softness LAMBDA, --lenvm-at-least-end-pull MU
-                        the decision rule's knobs (defaults 0.1, 16, 1: README, "The API")
-  --lenvm-max-n N       most samples (n, best_of) per request on every route (default 128)
+Takes every `sglang.launch_server` argument plus our `--lenvm-*` flags (`_our_parser` below is
+their one description; `--help` prints it, then SGLang's).
 Without --model-path (and --lenvm-path) it serves the embedded demo pair.
 On a machine without a GPU it adds CPU defaults (--device cpu, float32, a bounded KV cache).
 """
@@ -36,6 +27,7 @@ from sglang_lenvm.config import (
     DEFAULT_TOP_K,
     EQUAL_DISTANCES,
     LenVMConfig,
+    resolve_gamma,
 )
 
 logger = logging.getLogger(__name__)
@@ -99,7 +91,8 @@ def _flag_value(argv: List[str], flag: str) -> Optional[str]:
 
 
 def cpu_defaults(argv: List[str]) -> List[str]:
-    """SGLang on a CPU-only machine: torch_native attention, float32, a bounded KV cache."""
+    """SGLang on a CPU-only machine: torch_native attention, float32, a bounded KV cache, and
+    an idle scheduler that sleeps."""
     import torch
 
     if torch.cuda.is_available():
@@ -112,6 +105,12 @@ def cpu_defaults(argv: List[str]) -> List[str]:
     if not _has_flag(argv, "--max-total-tokens") and not _has_flag(argv, "--mem-fraction-static"):
         # Unbounded, SGLang sizes the KV cache from free host memory (15 GB for a tiny model).
         extra += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
+    if not _has_flag(argv, "--sleep-on-idle"):
+        # Idle, SGLang's scheduler polls its sockets without blocking: one core at 100%, taken
+        # from the OpenMP threads of everything else on a small CPU. With this flag it blocks
+        # in zmq's poll until a message arrives (upstream's IdleSleeper), so a request still
+        # wakes it at once.
+        extra += ["--sleep-on-idle"]
     return argv + extra
 
 
@@ -125,7 +124,7 @@ def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[fl
     if base_path is not None:
         check_same_tokenizer(base_path, lenvm_path)
     return LenVMConfig(lenvm_path=os.path.abspath(lenvm_path),
-                       gamma=gamma if gamma is not None else (ckpt.gamma or DEFAULT_GAMMA),
+                       gamma=resolve_gamma(gamma, ckpt.gamma),
                        **settings)
 
 

@@ -33,7 +33,8 @@ from sglang_lenvm.training.checkpoint import base_files_dir, save_backbone_and_h
 from sglang_lenvm.training.data import load_examples, split_by_prompt
 from sglang_lenvm.training.loop import TrainConfig, constant_baseline_mre, train
 from sglang_lenvm.training.model import LenVMForTraining
-from sglang_lenvm.training.targets import default_gamma, percentile, token_targets
+from sglang_lenvm.summary_stats import percentile
+from sglang_lenvm.training.targets import default_gamma, token_targets
 
 logger = logging.getLogger("sglang_lenvm.train")
 
@@ -220,5 +221,10 @@ def main(argv=None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `sglang-lenvm-train` command (main's summary is for callers, not the exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
-from sglang_lenvm.server_process import Server  # noqa: E402
+from sglang_lenvm.testing.server_process import Server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +18,7 @@ def models(tmp_path_factory):
     value_head.safetensors) and a character-vocabulary pair (Qwen2 base + Qwen3 oracle LenVM
     with its head inside the shards). LenVM and base only need to share the tokenizer: the BPE
     base pads its vocabulary with 8 rows past the tokenizer's, the LenVM does not."""
-    from sglang_lenvm import tiny_models as tm
+    from sglang_lenvm.testing import tiny_models as tm
 
     root = tmp_path_factory.mktemp("models")
     tm.build_tokenizer(root / "tok")
@@ -34,11 +34,12 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(models, tmp_path_factory):
     """Random base + random LenVM (published layout, head file), default settings, with fault
-    injection on: only requests whose rid asks for a fault (tests/test_faults.py) see one."""
+    injection on: only requests whose rid asks for a fault (tests/test_faults.py) see one,
+    and SGLang's Prometheus endpoint (tests/test_metrics.py)."""
     from sglang_lenvm.runtime.faults import ENV_VAR, PHASES
 
     s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
-                "--chunked-prefill-size", "64"],
+                "--chunked-prefill-size", "64", "--enable-metrics"],
                tmp_path_factory.mktemp("logs") / "server.log", env={ENV_VAR: ",".join(PHASES)})
     yield s
     s.stop()

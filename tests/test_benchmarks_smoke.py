@@ -155,6 +155,28 @@ def test_latency_smoke(server, models, tmp_path):
     assert data["plain_server"]["model"] and data["server"]["lenvm"]["gamma"]
 
 
+def test_guided_overhead_smoke(models, tmp_path):
+    """Starts its own servers (ours with --enable-metrics, then plain SGLang): step times from
+    the scheduler's log, the LenVM's share from its Prometheus histogram."""
+    from benchmarks import guided_overhead
+
+    out = tmp_path / "go.json"
+    r = guided_overhead.main(["--model-path", str(models / "base"), "--lenvm-path",
+                              str(models / "lenvm"), "--positions", "4", "8", "--window", "3",
+                              "--decode-log-interval", "1", "--concurrency", "2", "--tokens",
+                              "6", "--repeats", "1", "--rounds", "1", "--ks", "3",
+                              "--max-total-tokens", "16384", "--out", str(out)])
+    data = check_output(out)
+    assert set(data["step_s"]) == {"unguided", "guided_k3"}
+    for name, v in data["step_s"].items():
+        assert finite(v["4"]) and finite(v["8"]) and v["4"] > 0, name
+    guided, unguided = data["step_s"]["guided_k3"], data["step_s"]["unguided"]
+    assert guided["lenvm_scored_steps"] >= 8 and finite(guided["lenvm_scoring_s_per_step"])
+    assert unguided["lenvm_scored_steps"] == 0  # unguided requests cost the LenVM nothing
+    assert all(finite(v) and v > 0 for v in data["ratios"].values())
+    assert r["ratios"] == data["ratios"]
+
+
 def test_length_following_smoke(server, tmp_path):
     out = tmp_path / "lf.json"
     length_following.main(["--base-url", server.url, "--limit", "2", "--targets", "4",

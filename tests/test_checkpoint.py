@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sglang_lenvm import tiny_models as tm
 from sglang_lenvm.checkpoint import (
     LenVMCheckpointError,
     check_same_tokenizer,
     inspect_checkpoint,
 )
+from sglang_lenvm.testing import tiny_models as tm
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ from sglang_lenvm.runtime.decision import (
     mask_stop_tokens,
     select_candidates,
 )
-from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL, MODE_NONE
+from sglang_lenvm.schema import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL, MODE_NONE
 
 G = 0.9
 
 
 def p_of(lengths):
     """Values that predict exactly these remaining lengths."""
-    return torch.tensor([[1 - G ** l for l in row] for row in lengths], dtype=torch.float32)
+    return torch.tensor([[1 - G ** n for n in row] for row in lengths], dtype=torch.float32)
 
 
 def cand(base, valid=None):
@@ -242,7 +242,7 @@ def test_soft_equal_weighs_base_probability_by_length_distance():
                generated=torch.tensor([0]), beta=torch.zeros(1), greedy=torch.tensor([False]),
                gamma=G, equal_softness=lam)
     r = 8
-    d = torch.tensor([abs(math.log1p(l) - math.log1p(r)) for l in lengths[0]])
+    d = torch.tensor([abs(math.log1p(n) - math.log1p(r)) for n in lengths[0]])
     want = torch.tensor([0.5, 0.3, 0.2]) * torch.exp(-lam * d)
     assert torch.allclose(q[0], want / want.sum(), atol=1e-4)
     greedy = decide(c, p, mode=torch.tensor([MODE_EQUAL]), target=torch.tensor([9]),

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent('''
 def test_engine_api_length_fields(models):
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(models / "base"),
                         str(models / "lenvm")], capture_output=True, text=True, timeout=600)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULTS ")]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULTS ")]
     assert lines, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
     res = json.loads(lines[0][8:])
     assert res["at_most"] == [5, 5, True]  # exactly T (ignore_eos), values, caller's dict intact

@@ -88,7 +88,7 @@ def _prompts(tmp_path, n=4):
 
 
 def _read(path):
-    return [json.loads(l) for l in open(path)]
+    return [json.loads(x) for x in open(path)]
 
 
 def test_records_and_request_shape(fake, tmp_path):

@@ -72,13 +72,13 @@ def _spills(compiled, tmp_path):
     ptx.write_text(compiled.asm["ptx"])
     log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o",
                           str(tmp_path / "k.cubin")], capture_output=True, text=True, check=True)
-    line = next(l for l in log.stderr.splitlines() if "spill stores" in l)
+    line = next(x for x in log.stderr.splitlines() if "spill stores" in x)
     return int(line.split("bytes spill stores")[0].split(",")[-1])
 
 
 def _compile_all(calls, tmp_path):
     assert calls
-    for fn, grid, args, kw in calls:
+    for fn, _grid, args, kw in calls:
         compiled = _compile_sm90(fn, args, kw)
         if fn.fn.__name__ == "_star_fwd" and args[0].dtype != torch.float32:
             # 16-bit inputs must reach the tensor cores: wgmma, or mma.sync for < 64 rows
@@ -124,7 +124,8 @@ def test_value_head_decision_compiles(monkeypatch, tmp_path):
         torch.empty(1, H), torch.empty(1), ids=i64(B, K), base_prob=torch.empty(B, K),
         valid=torch.ones(B, K, dtype=torch.bool), stop_ids=i64(B, 2), has_root=True,
         mode=i64(B), target=i64(B), generated=i64(B), beta=torch.zeros(B),
-        greedy=torch.zeros(B, dtype=torch.bool), gamma=0.99)
+        greedy=torch.zeros(B, dtype=torch.bool), gamma=0.99, mode_codes=(1, 2, 3),
+        equal_ratio=True)
     _compile_all(calls, tmp_path)
 
 

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from reference import trace_reference
-from sglang_lenvm.server_process import Server
+from sglang_lenvm.testing.server_process import Server
 
 PROMPT = "The capital of France"
 

@@ -22,13 +22,11 @@ def test_interpreter_subprocess():
     run_in_interpreter(__file__)
 
 
-def test_mode_codes_match_length_state():
-    from sglang_lenvm.kernels import value_head_decision as vhd
-    from sglang_lenvm.runtime import length_state as ls
+def test_mode_codes_match_the_schema():
+    from sglang_lenvm import schema
 
-    assert (vhd.MODE_EQUAL, vhd.MODE_AT_MOST, vhd.MODE_AT_LEAST) == (
-        ls.MODE_EQUAL, ls.MODE_AT_MOST, ls.MODE_AT_LEAST) == (EQUAL, AT_MOST, AT_LEAST)
-    assert ls.MODE_NONE == NONE
+    assert (schema.MODE_NONE, schema.MODE_EQUAL, schema.MODE_AT_MOST, schema.MODE_AT_LEAST) == (
+        NONE, EQUAL, AT_MOST, AT_LEAST)
 
 
 def _head(H, seed):
@@ -38,16 +36,34 @@ def _head(H, seed):
             torch.randn(1, H, generator=g) * 3 / math.sqrt(H), torch.tensor([1.0]))
 
 
-def _run_both(hidden, head, **kw):
-    from sglang_lenvm.kernels.value_head_decision import (
-        reference_value_head_decision,
-        value_head_decision_triton,
-    )
+def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, summary_bias,
+                                  *, ids, base_prob, valid, stop_ids, **kw):
+    """The scorer's torch path: ValueHead math, sigmoid, then `decide_from_values`."""
+    from sglang_lenvm.runtime.decision import Candidates, decide_from_values
+
+    B, K = ids.shape
+    fc = torch.nn.functional.linear(hidden.float(), fc_weight, fc_bias)
+    z = torch.nn.functional.linear(torch.nn.functional.silu(fc), summary_weight.view(1, -1),
+                                   summary_bias.view(-1)).squeeze(-1)
+    p_all = torch.sigmoid(z).view(B, K + int(kw["has_root"]))
+    return decide_from_values(p_all, Candidates(ids=ids, base_prob=base_prob, valid=valid),
+                              stop_ids, **kw)
+
+
+def _run_both(hidden, head, codes=(EQUAL, AT_MOST, AT_LEAST), **kw):
+    """The kernel (given the mode codes `codes`: the caller's mode tensor is re-coded into
+    them) and the reference (the schema's codes)."""
+    from sglang_lenvm.config import DEFAULT_EQUAL_DISTANCE
+    from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 
     dev = lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x  # noqa: E731
-    got = value_head_decision_triton(dev(hidden), *map(dev, head),
-                                     **{k: dev(v) for k, v in kw.items()})
-    want = reference_value_head_decision(hidden, *head, **kw)
+    equal_distance = kw.pop("equal_distance", DEFAULT_EQUAL_DISTANCE)
+    recode = torch.tensor([NONE if NONE not in codes else max(codes) + 1, *codes])
+    kernel_kw = {**kw, "mode": recode[kw["mode"]]}
+    got = value_head_decision_triton(dev(hidden), *map(dev, head), mode_codes=codes,
+                                     equal_ratio=equal_distance == "ratio",
+                                     **{k: dev(v) for k, v in kernel_kw.items()})
+    want = reference_value_head_decision(hidden, *head, equal_distance=equal_distance, **kw)
     return got, want
 
 
@@ -59,16 +75,19 @@ def _compare(got, want):
 
 
 def _lengths(p):
-    from sglang_lenvm.runtime.decision import remaining_length
+    from sglang_lenvm.returns import remaining_from_p
 
-    return remaining_length(p, GAMMA)
+    return remaining_from_p(p.float(), GAMMA)
 
 
 @needs_device
-@pytest.mark.parametrize("dtype,equal_distance", [(torch.bfloat16, "ratio"),
-                                                  (torch.float32, "ratio"),
-                                                  (torch.float32, "tokens")])
-def test_every_mode_with_root(dtype, equal_distance):
+@pytest.mark.parametrize("dtype,equal_distance,codes", [
+    (torch.bfloat16, "ratio", (EQUAL, AT_MOST, AT_LEAST)),
+    (torch.float32, "ratio", (EQUAL, AT_MOST, AT_LEAST)),
+    (torch.float32, "tokens", (EQUAL, AT_MOST, AT_LEAST)),
+    (torch.float32, "ratio", (7, 0, 5)),  # the kernel reads the codes it is given
+])
+def test_every_mode_with_root(dtype, equal_distance, codes):
     torch.manual_seed(0)
     B, K, H = 9, 5, 80  # H not a multiple of the 32/64 blocks
     head = _head(H, 1)
@@ -101,7 +120,8 @@ def test_every_mode_with_root(dtype, equal_distance):
     greedy = torch.tensor([False, False, False, False, True, True, False, False, True])
     got, want = _run_both(hidden, head, ids=ids, base_prob=base, valid=valid, stop_ids=stop,
                           has_root=True, mode=mode, target=target, generated=generated,
-                          beta=beta, greedy=greedy, gamma=GAMMA, equal_distance=equal_distance)
+                          beta=beta, greedy=greedy, gamma=GAMMA, equal_distance=equal_distance,
+                          codes=codes)
     _compare(got, want)
     assert want.p_cand[1, 2] == 0 and want.p_cand[3, 0] == 0  # stops forced to 0
     assert ((want.q > 0) & (want.q < 1)).any(1)[[0, 2, 3]].all()  # sampling rows really sample

@@ -4,17 +4,8 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_lenvm.runtime.length_state import (
-    MODE_AT_MOST,
-    MODE_EQUAL,
-    MODE_NONE,
-    NEVER,
-    LengthState,
-    Settings,
-    equal_stop_length,
-    merge_optional,
-)
-from sglang_lenvm.schema import LengthParams
+from sglang_lenvm.runtime.length_state import LengthState, Settings, merge_optional
+from sglang_lenvm.schema import MODE_AT_MOST, MODE_EQUAL, MODE_NONE, NEVER, LengthParams, equal_stop_length
 
 SETTINGS = Settings("cpu", default_top_k=15, max_top_k=64)
 

@@ -23,7 +23,7 @@ def test_disconnect_mid_stream(server):
     for _ in range(3):
         with requests.post(server.url + CHAT, json={**guided(), "stream": True}, stream=True,
                            timeout=60) as r:
-            for i, line in enumerate(r.iter_lines()):
+            for i, _ in enumerate(r.iter_lines()):
                 if i > 5:
                     break  # hang up while the request is decoding
     wait_idle(server)
@@ -94,8 +94,8 @@ def test_nan_values_fall_back_for_that_request_only(models, tmp_path):
     the radix cache a later request can share a poisoned request's KV; it then falls back too.)"""
     from transformers import AutoTokenizer
 
-    from sglang_lenvm import tiny_models as tm
-    from sglang_lenvm.server_process import Server
+    from sglang_lenvm.testing import tiny_models as tm
+    from sglang_lenvm.testing.server_process import Server
 
     tok = AutoTokenizer.from_pretrained(str(models / "ctok"))
     broken = tok.convert_tokens_to_ids("S")

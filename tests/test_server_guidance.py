@@ -111,7 +111,7 @@ def test_mixed_batch_leaves_unguided_requests_untouched(oracle_server):
                                          temperature=0 if not j[1] else 1.0, **j[1]), jobs))
     for i, p in enumerate(prompts):
         assert outs[i]["output_ids"] == alone[i], p
-    for (p, g), out in zip(jobs[len(prompts):], outs[len(prompts):]):
+    for (_, g), out in zip(jobs[len(prompts):], outs[len(prompts):]):
         if "length_target" in g and g.get("length_mode", "equal") == "equal":
             assert len(out["output_ids"]) == g["length_target"]
 

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from sglang_lenvm import tiny_models as tm
+from sglang_lenvm.testing import tiny_models as tm
 
 
 def launch(*args, capsys=None):
@@ -58,15 +58,18 @@ def test_bad_flags_are_refused(models, capsys):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                "--lenvm-equal-max-overshoot", "nan")
     assert r.returncode != 0 and "--lenvm-equal-max-overshoot must be >= 0" in r.stderr
-    for flag, value, message in [
-            ("--lenvm-plausibility", "1.5", "--lenvm-plausibility must be in [0, 1]"),
-            ("--lenvm-plausibility", "nan", "--lenvm-plausibility must be in [0, 1]"),
-            ("--lenvm-equal-softness", "-1", "--lenvm-equal-softness must be >= 0"),
-            ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
-            ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")]:
-        r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
-                   flag, value)
-        assert r.returncode != 0 and message in r.stderr, (flag, value, r.stderr)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lenvm-plausibility", "1.5", "--lenvm-plausibility must be in [0, 1]"),
+    ("--lenvm-plausibility", "nan", "--lenvm-plausibility must be in [0, 1]"),
+    ("--lenvm-equal-softness", "-1", "--lenvm-equal-softness must be >= 0"),
+    ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
+    ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")])
+def test_bad_rule_flags_are_refused(models, flag, value, message):
+    r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
+               flag, value)
+    assert r.returncode != 0 and message in r.stderr, (flag, value, r.stderr)
 
 
 def test_unsupported_server_option_is_refused(models):

@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 
+from sglang_lenvm import returns
+from sglang_lenvm.summary_stats import percentile
 from sglang_lenvm.training import targets as T
 from sglang_lenvm.training.data import Example, collate, load_examples, split_by_prompt
 
@@ -73,7 +75,7 @@ def test_prediction_is_minus_sigmoid():
 def test_default_gamma_covers_p99():
     lengths = list(range(1, 101))
     g = T.default_gamma(lengths)
-    l99 = T.percentile(lengths, 99)
+    l99 = percentile(lengths, 99)
     assert l99 == pytest.approx(99.01)
     assert 1 - g ** l99 == pytest.approx(0.99)
     assert T.gamma_for_length(100, 0.99) == pytest.approx(0.01 ** (1 / 100))
@@ -93,7 +95,7 @@ def test_length_from_p_inverts_targets():
     g = 0.97
     for L in (1, 5, 50, 300):
         p = -T.token_targets(L, g)[0].double()
-        assert float(T.length_from_p(p, g)) == pytest.approx(L, rel=1e-4)
+        assert float(returns.remaining_from_p(p.double(), g)) == pytest.approx(L, rel=1e-4)
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def test_split_by_prompt_keeps_prompts_whole():
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from sglang_lenvm import tiny_models as tm
+    from sglang_lenvm.testing import tiny_models as tm
 
     root = tmp_path_factory.mktemp("train_models")
     tm.build_tokenizer(root / "tok")

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from sglang_lenvm.server_process import Server
+from sglang_lenvm.testing.server_process import Server
 
 PROMPTS = ["Tell me about the sea", "Write a story", "Count to ten", "What is two plus two?",
            "Describe a cat", "Explain gravity"]
@@ -29,7 +29,7 @@ def test_generate_train_serve(server, models, tmp_path):
     generate_data.main(["--prompts", str(prompts), "--output", str(data), "--base-url",
                         server.url, "-n", "3", "--max-tokens", "24", "--concurrency", "8",
                         "--quiet"])
-    recs = [json.loads(l) for l in open(data)]
+    recs = [json.loads(x) for x in open(data)]
     assert len(recs) == 18
     for r in recs:
         assert r["token_ids_source"] == "server"

@@ -1,8 +1,5 @@
-"""LenVM model classes for SGLang: a causal-LM backbone plus the 2-layer value head.
-
-The head reads the final-norm hidden state of every token: z = summary(SiLU(fc(h))), and
-p = sigmoid(z) ~ 1 - gamma^remaining. It runs in float32 whatever the backbone dtype: p near 1
-is where the length inversion ln(1-p)/ln(gamma) is most sensitive to rounding.
+"""LenVM model classes for SGLang: a causal-LM backbone plus the 2-layer value head
+(value_head.py, float32), which reads the final-norm hidden state of every token.
 
 Weights load strictly from the published layout (see `checkpoint.py`): every backbone parameter
 and the four head tensors must be found with the right shapes, or loading fails with a message.
@@ -11,7 +8,7 @@ and the four head tensors must be found with the right shapes, or loading fails 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +26,7 @@ from sglang_lenvm.checkpoint import (
     check_head_shapes,
     load_head_tensors,
 )
+from sglang_lenvm.value_head import ValueHead
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +39,6 @@ _STACKED = [
     ("gate_up_proj", "up_proj", 1),
 ]
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
-
-class ValueHead(nn.Module):
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.fc = nn.Linear(hidden_size, hidden_size, bias=True, dtype=torch.float32)
-        self.summary = nn.Linear(hidden_size, 1, bias=True, dtype=torch.float32)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] hidden states -> [N] raw values z (float32)."""
-        return self.summary(nn.functional.silu(self.fc(hidden.float()))).squeeze(-1)
 
 
 class _LengthValueModel(nn.Module):

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from sglang_lenvm.config import DEFAULT_EQUAL_DISTANCE, EQUAL_DISTANCES
-from sglang_lenvm.runtime.length_state import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL
+from sglang_lenvm.returns import remaining_from_p
+from sglang_lenvm.schema import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL
 
 NEG_INF = float("-inf")
 
@@ -81,12 +82,6 @@ def equal_uses_ratio(equal_distance: str) -> bool:
     return equal_distance == "ratio"
 
 
-def remaining_length(p: torch.Tensor, gamma: float) -> torch.Tensor:
-    """l = ln(1 - p) / ln(gamma), p clamped below 1 (float32-safe)."""
-    eps = torch.finfo(torch.float32).eps
-    return torch.log1p(-p.float().clamp(0.0, 1.0 - eps)) / math.log(gamma)
-
-
 def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: torch.Tensor,
            generated: torch.Tensor, beta: torch.Tensor, greedy: torch.Tensor,
            gamma: float, is_stop: Optional[torch.Tensor] = None,
@@ -116,7 +111,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     rows take the argmax of q.
     """
     valid = cand.valid
-    length = remaining_length(p, gamma)
+    length = remaining_from_p(p.float(), gamma)
     r = (target - generated - 1).clamp_min(0).float().view(-1, 1)
     inf = torch.full_like(length, float("inf"))
     mode = mode.view(-1, 1)

@@ -26,6 +26,7 @@ SGLang applies them (a hook registered on an already-patched target would be dro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, List, Optional, Tuple
 
@@ -128,6 +129,13 @@ def _build_worker(_result, sched) -> None:
     verify_installed()
     check_server_args(sched.server_args)
     _worker = LenVMWorker(_config, sched)
+    if sched.server_args.enable_metrics:
+        from sglang.srt.runtime_context import get_parallel
+
+        from sglang_lenvm.runtime.metrics import LenVMMetrics
+
+        _worker.metrics = LenVMMetrics(sched.server_args.served_model_name,
+                                       get_parallel().tp_rank)
 
 
 def _charge_kv_budget(_result, pool_configurator, kvc) -> None:
@@ -240,8 +248,9 @@ def _after_forward(result, runner, forward_batch, *args, **kwargs):
         from sglang_lenvm.runtime import faults
         from sglang_lenvm.runtime.mirror import mirror_prefill
 
-        faults.guarded("mirror", lambda: mirror_prefill(_worker, forward_batch, state),
-                       [r for r in state.reqs if r is not None])
+        with _timed("mirror"):
+            faults.guarded("mirror", lambda: mirror_prefill(_worker, forward_batch, state),
+                           [r for r in state.reqs if r is not None])
     return result
 
 
@@ -270,9 +279,24 @@ def _after_preprocess_logits(result, runner, logits_output, sampling_info, *args
     from sglang_lenvm.runtime import faults
     from sglang_lenvm.runtime.scorer import score_step
 
-    faults.guarded("scoring", lambda: score_step(_worker, logits_output, sampling_info,
-                                                 forward_batch), _reqs_of(forward_batch))
+    with _timed("scoring"):
+        faults.guarded("scoring", lambda: score_step(_worker, logits_output, sampling_info,
+                                                     forward_batch), _reqs_of(forward_batch))
     return result
+
+
+@contextlib.contextmanager
+def _timed(phase: str):
+    """Prometheus step time and counters (--enable-metrics), for steps with LenVM rows."""
+    metrics = _worker.metrics
+    if metrics is None:
+        yield
+        return
+    from sglang_lenvm.runtime import faults
+
+    with metrics.time_phase(phase):
+        yield
+    faults.guarded("metrics", lambda: metrics.sync({**_worker.stats, **faults.counters}))
 
 
 def _reqs_of(forward_batch):

@@ -27,16 +27,7 @@ import torch
 
 from sglang_lenvm.runtime import faults
 from sglang_lenvm.runtime.attached import fault_of, params_of
-from sglang_lenvm.schema import (  # noqa: F401 - re-exported for the runtime
-    MODE_AT_LEAST,
-    MODE_AT_MOST,
-    MODE_EQUAL,
-    MODE_NONE,
-    MODES,
-    NEVER,
-    PARAMS_KEY,
-    equal_stop_length,
-)
+from sglang_lenvm.schema import MODE_NONE, NEVER, equal_stop_length
 
 HOST, DEVICE, CPU = "host", "device", "cpu"  # how a field follows the rows
 
@@ -227,8 +218,8 @@ class LengthState:
 
         def cat(a, b):
             if a.dim() == 2:  # stop_ids: pad to the wider row
-                pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
-                a, b = pad(a), pad(b)
+                a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
+                        for t in (a, b))
             return torch.cat([a, b])
 
         new = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in _fields(HOST)}

@@ -30,19 +30,15 @@ from sglang_lenvm.runtime.decision import (
     HeadDecision,
     decide_from_values,
     distribution_to_logits,
+    equal_uses_ratio,
     mask_stop_tokens,
     select_candidates,
 )
-from sglang_lenvm.runtime.length_state import (
-    MODE_AT_LEAST,
-    MODE_AT_MOST,
-    MODE_EQUAL,
-    NEVER,
-    LengthState,
-)
+from sglang_lenvm.runtime.length_state import LengthState
 from sglang_lenvm.runtime.outputs import LenVMDeviceOutput
 from sglang_lenvm.runtime.star_attention import StarMeta
 from sglang_lenvm.runtime.worker import LenVMWorker
+from sglang_lenvm.schema import MODE_AT_LEAST, MODE_AT_MOST, MODE_EQUAL, NEVER
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +246,8 @@ def _candidates(worker, row_logits, temps, st, sampling_info, index, K):
     if worker.use_kernels:
         from sglang_lenvm.kernels.candidates import select_candidates_triton
 
-        cand, lse = select_candidates_triton(*args, return_lse=True)
+        tensors, lse = select_candidates_triton(*args, return_lse=True)
+        cand = Candidates(*tensors)
         return cand, lambda ids: torch.exp(
             row_logits.gather(1, ids) / temps.view(-1, 1) - lse.view(-1, 1))
     cand = select_candidates(*args)
@@ -263,21 +260,22 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, m
     cfg = worker.config
     kw = dict(has_root=meta.has_root, mode=st.mode, target=st.target, generated=generated,
               beta=st.beta, greedy=st.greedy, gamma=worker.gamma,
-              equal_distance=cfg.equal_distance, plausibility=cfg.plausibility,
-              equal_softness=cfg.equal_softness, at_least_end_pull=cfg.at_least_end_pull,
-              must_stop=must_stop)
+              plausibility=cfg.plausibility, equal_softness=cfg.equal_softness,
+              at_least_end_pull=cfg.at_least_end_pull, must_stop=must_stop)
     if worker.use_kernels:
         from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 
         head = worker.model.v_head
         hidden = worker.star_hidden(tokens, positions, meta)
         faults.inject("decision", rids)
-        return value_head_decision_triton(
+        return HeadDecision(*value_head_decision_triton(
             hidden, head.fc.weight, head.fc.bias, head.summary.weight, head.summary.bias,
-            ids=cand.ids, base_prob=cand.base_prob, valid=cand.valid, stop_ids=st.stop_ids, **kw)
+            ids=cand.ids, base_prob=cand.base_prob, valid=cand.valid, stop_ids=st.stop_ids,
+            mode_codes=(MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST),
+            equal_ratio=equal_uses_ratio(cfg.equal_distance), **kw))
     p_all = torch.sigmoid(worker.star(tokens, positions, meta))
     faults.inject("decision", rids)
-    return decide_from_values(p_all, cand, st.stop_ids, **kw)
+    return decide_from_values(p_all, cand, st.stop_ids, equal_distance=cfg.equal_distance, **kw)
 
 
 def _equal_stop_near(state: LengthState, forward_batch, rows) -> bool:

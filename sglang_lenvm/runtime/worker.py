@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 
 from sglang_lenvm.checkpoint import inspect_checkpoint
-from sglang_lenvm.config import DEFAULT_GAMMA, LenVMConfig
+from sglang_lenvm.config import LenVMConfig, resolve_gamma
 from sglang_lenvm.runtime.star_attention import StarAttentionBackend, StarMeta
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class LenVMWorker:
 
         self.config = config
         ckpt = inspect_checkpoint(config.lenvm_path)
-        self.gamma = config.gamma if config.gamma is not None else (ckpt.gamma or DEFAULT_GAMMA)
+        self.gamma = resolve_gamma(config.gamma, ckpt.gamma)
         target = scheduler.tp_worker.model_runner
         self.target = target
         server_args = scheduler.server_args
@@ -77,6 +77,7 @@ class LenVMWorker:
         # Counters for /lenvm/stats (host ints: no device sync to maintain them).
         self.stats = {"mirror_extend_tokens": 0, "mirror_extend_forwards": 0,
                       "star_forwards": 0, "star_rows": 0, "candidates_scored": 0}
+        self.metrics = None  # runtime/metrics.LenVMMetrics with --enable-metrics
         logger.info("LenVM %s loaded in %.2fs (gamma=%s)", config.lenvm_path,
                     time.perf_counter() - tic, self.gamma)
 

@@ -12,11 +12,11 @@ from typing import Optional, Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from sglang_lenvm.returns import remaining_from_p
 from sglang_lenvm.training.data import Batch, Example, batches
 from sglang_lenvm.training.model import LenVMForTraining
 from sglang_lenvm.training.targets import (
     ground_truth_length,
-    length_from_p,
     prompt_boundary_mre,
     squared_error_sum,
 )
@@ -102,7 +102,7 @@ def evaluate(model: LenVMForTraining, examples: Sequence[Example], gamma: float,
         sse += float(squared_error_sum(z, tgt, mask, b.censored.to(z.device)))
         n_tok += int(mask.sum())
         p0 = torch.sigmoid(z[torch.arange(len(b.indices)), b.starts.to(z.device)].float())
-        l0 = length_from_p(p0, gamma).tolist()
+        l0 = remaining_from_p(p0.double(), gamma).tolist()
         for row, i in enumerate(b.indices):
             e = examples[i]
             boundary.setdefault(e.prompt_id, l0[row])  # same prompt -> same s_0 value

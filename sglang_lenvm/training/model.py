@@ -1,7 +1,7 @@
 """The LenVM for training: a Hugging Face causal-LM backbone (without its LM head) + value head.
 
-The value head reads the final-norm hidden state: z = summary(SiLU(fc(h))), the same module
-names (`v_head.fc`, `v_head.summary`) as the published layout and our SGLang model class.
+The value head (value_head.py) is the one the server runs, under the published layout's names
+(`v_head.fc`, `v_head.summary`).
 
 The backbone can be split at layer k: layers below k frozen, layers k.. (and the final norm)
 trained. The frozen part's output for a sequence never changes, so it can be computed once
@@ -11,35 +11,14 @@ and cached (`frozen_states`), which on a CPU makes each epoch cost only the trai
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
+from sglang_lenvm.value_head import ValueHead
+
 logger = logging.getLogger(__name__)
-
-
-class ValueHead(nn.Module):
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.fc = nn.Linear(hidden_size, hidden_size, bias=True)
-        self.summary = nn.Linear(hidden_size, 1, bias=True)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [...] raw values z, computed in float32 (as served), also under a
-        bfloat16 autocast of the backbone."""
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            h = hidden.to(self.fc.weight.dtype)
-            return self.summary(nn.functional.silu(self.fc(h))).squeeze(-1)
-
-    def init_output(self, mean_p: float) -> None:
-        """Start at the data's average value: zero output weights and bias = logit(mean p).
-        The first steps then learn structure instead of the global offset."""
-        mean_p = min(max(mean_p, 1e-4), 1 - 1e-4)
-        with torch.no_grad():
-            self.summary.weight.zero_()
-            self.summary.bias.fill_(math.log(mean_p / (1 - mean_p)))
 
 
 class LenVMForTraining(nn.Module):

@@ -12,7 +12,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from sglang_lenvm.returns import discounted_returns
+from sglang_lenvm.returns import discounted_returns, remaining_from_p
+from sglang_lenvm.summary_stats import percentile
 
 
 def token_targets(length: int, gamma: float) -> torch.Tensor:
@@ -60,16 +61,6 @@ def sequence_mean_mse(z: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return per_seq.mean()
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
-    v = sorted(values)
-    if not v:
-        raise ValueError("no values")
-    pos = (len(v) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def gamma_for_length(length: float, coverage: float = 0.99) -> float:
     """The gamma with 1 - gamma^length = coverage: a completion of `length` tokens gets a
     return of -coverage at its start, so lengths up to it stay distinguishable (the sigmoid
@@ -81,20 +72,17 @@ def gamma_for_length(length: float, coverage: float = 0.99) -> float:
 
 def default_gamma(lengths: Iterable[int], q: float = 99.0, coverage: float = 0.99) -> float:
     """Default discount: 1 - gamma^(L_q) = coverage at the q-th percentile training length."""
-    return gamma_for_length(percentile([float(x) for x in lengths], q), coverage)
-
-
-def length_from_p(p: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Predicted remaining length l = ln(1 - p) / ln(gamma) (eq. 5 with G = -p)."""
-    p = p.double().clamp(0.0, 1.0 - 1e-12)
-    return torch.log1p(-p) / math.log(gamma)
+    length = percentile([float(x) for x in lengths], q)
+    if length is None:
+        raise ValueError("no training lengths")
+    return gamma_for_length(length, coverage)
 
 
 def ground_truth_length(lengths: Sequence[int], gamma: float) -> float:
     """Paper eq. 13-14: L_GT = ln(1 - mean_i(1 - gamma^L_i)) / ln(gamma), the length whose
     return equals the mean return of the samples (not their mean length)."""
     mu = sum(1.0 - gamma ** L for L in lengths) / len(lengths)
-    return math.log1p(-min(mu, 1.0 - 1e-12)) / math.log(gamma)
+    return remaining_from_p(mu, gamma)
 
 
 def prompt_boundary_mre(predicted: Sequence[float], sample_lengths: Sequence[Sequence[int]],

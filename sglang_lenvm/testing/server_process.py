@@ -56,9 +56,10 @@ class Server:
         raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.tail()}")
 
     def tail(self, n: int = 60) -> str:
-        self.log.flush()
+        if not self.log.closed:  # after stop() (a failed start), the file is complete
+            self.log.flush()
         lines = Path(self.log_path).read_text(errors="replace").splitlines()
-        return "\n".join(l for l in lines[-n:])
+        return "\n".join(lines[-n:])
 
     def post(self, path: str, body: dict, timeout: float = 120) -> requests.Response:
         return requests.post(self.url + path, json=body, timeout=timeout)
