@@ -40,7 +40,7 @@ from pathlib import Path
 import requests
 
 from benchmarks.client import lenvm_metrics, throughput
-from benchmarks.reporting import machine_info, write_json
+from benchmarks.reporting import header, write_json
 from benchmarks.servers import model_paths
 from sglang_lenvm.testing.server_process import Server
 
@@ -113,8 +113,7 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory()
 
     far = args.positions[1] + args.window + 1
-    result = {"machine": machine_info(), "settings": vars(args), "step_s": {},
-              "throughput_tok_s": {}, "throughput_samples": {}}
+    result = {**header(args), "step_s": {}, "throughput_tok_s": {}, "throughput_samples": {}}
     logs = Path(tmp.name)
     common = ["--model-path", base, "--decode-log-interval", str(args.decode_log_interval),
               *args.server_arg]

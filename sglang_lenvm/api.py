@@ -11,6 +11,12 @@ JSON body before SGLang does:
     POST /vertex_generate (AIP_PREDICT_ROUTE)   in parameters, top level or sampling_params
 - on every other route (Responses, Anthropic, Ollama, embeddings, ...), a public field gets
   HTTP 400 saying where length control is available, instead of being dropped.
+- the same fields may come as a JSON object in the `X-Length-Control` request header (for
+  proxies that rebuild bodies from a fixed schema: SGLang's router drops unknown body fields
+  on chat and /generate but forwards headers); they are merged into the body's top level
+  (Vertex: its `parameters`) and then handled as above. Invalid JSON, a non-object, a key
+  that is not a public field, a field also in the body, or the header on a route without
+  length control: HTTP 400 naming `X-Length-Control` (or the field).
 The Engine API has no HTTP layer: `engine_api.py` does the same for its sampling params.
 """
 
@@ -37,6 +43,7 @@ from sglang_lenvm.schema import (
 OPENAI_CHAT = ("/v1/chat/completions", "/invocations")
 OPENAI_COMPLETION = "/v1/completions"
 SUPPORTED = "/v1/chat/completions, /v1/completions, /generate, /invocations and /vertex_generate"
+HEADER = "X-Length-Control"
 
 _config: Optional[LenVMConfig] = None
 _max_n = DEFAULT_MAX_N
@@ -151,6 +158,38 @@ def _has_fields(sp) -> bool:
     return any(isinstance(i, dict) and any(f in i for f in FIELDS) for i in items)
 
 
+def merge_header(method: str, path: str, body: Optional[dict], header: str) -> dict:
+    """The X-Length-Control header's fields, merged into the body (raises RequestError)."""
+    try:
+        fields = json.loads(header)
+    except ValueError:
+        raise RequestError(f"{HEADER} must be a JSON object of length fields", HEADER) from None
+    if not isinstance(fields, dict):
+        raise RequestError(f"{HEADER} must be a JSON object of length fields", HEADER)
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise RequestError(f"{HEADER} may carry only {', '.join(FIELDS)}; got {unknown[0]!r}",
+                           HEADER)
+    generation = (method == "POST" and path in OPENAI_CHAT + (OPENAI_COMPLETION,)
+                  or method in ("POST", "PUT") and path == "/generate"
+                  or method == "POST" and path == _vertex_route())
+    if not generation or not isinstance(body, dict):
+        raise RequestError(f"{HEADER} is not supported on {method} {path}; length control is "
+                           f"served on {SUPPORTED} (with a JSON object body)", HEADER)
+    target = body
+    if path == _vertex_route():
+        target = body.get("parameters")
+        if target is None:
+            target = body["parameters"] = {}
+        if not isinstance(target, dict):
+            raise RequestError("parameters must be an object to take length fields", HEADER)
+    for name, value in fields.items():
+        if name in target:
+            raise RequestError(f"{name} is given both in the body and in {HEADER}", name)
+        target[name] = value
+    return body
+
+
 def rewrite_body(method: str, path: str, body: dict) -> bool:
     """Validate one JSON body and move its length fields (raises RequestError); True if the
     body changed."""
@@ -233,6 +272,10 @@ class LengthFieldsMiddleware:
         passed_front_door.set(True)
         method = scope.get("method")
         if method not in ("POST", "PUT", "PATCH"):
+            if _header(scope) is not None:
+                return await httputil.send_error(
+                    send, f"{HEADER} is not supported on {method} {scope.get('path', '')}; "
+                          f"length control is served on {SUPPORTED}", HEADER)
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
@@ -258,9 +301,15 @@ class LengthFieldsMiddleware:
                           f"on {SUPPORTED}", field)
         if raw and is_json and not isinstance(body, dict) and path in _json_object_routes():
             return await httputil.send_error(send, "request body must be a JSON object", "body")
+        header = _header(scope)
+        if header is not None:
+            try:
+                body = merge_header(method, path, body, header)
+            except RequestError as e:
+                return await httputil.send_error(send, str(e), e.param)
         if isinstance(body, dict):
             try:
-                if rewrite_body(method, path, body):
+                if rewrite_body(method, path, body) or header is not None:
                     raw = json.dumps(body).encode()
             except RequestError as e:
                 return await httputil.send_error(send, str(e), e.param)
@@ -274,6 +323,15 @@ class LengthFieldsMiddleware:
         scope = dict(scope, headers=headers)
         await self.app(scope, _replay([{"type": "http.request", "body": raw,
                                         "more_body": False}], receive), send)
+
+
+def _header(scope) -> Optional[str]:
+    """The X-Length-Control header's value (the last one if repeated), or None."""
+    value = None
+    for k, v in scope.get("headers", ()):
+        if k.lower() == HEADER.lower().encode():
+            value = v.decode("latin-1")
+    return value
 
 
 def _json_object_routes():

@@ -82,8 +82,11 @@ async def predict_length(request: Request):
 
 
 async def lenvm_stats():
-    states = await tokenizer_manager().get_internal_state()
-    return ORJSONResponse([s.get("lenvm") for s in states])
+    """One entry per scheduler (data-parallel rank), in rank order (SGLang answers in the order
+    the ranks reply)."""
+    states = [s.get("lenvm") for s in await tokenizer_manager().get_internal_state()]
+    states.sort(key=lambda s: s.get("dp_rank", 0) if isinstance(s, dict) else 0)
+    return ORJSONResponse(states)
 
 
 _config: Optional[LenVMConfig] = None

@@ -90,6 +90,23 @@ def _flag_value(argv: List[str], flag: str) -> Optional[str]:
     return None
 
 
+def _int_flag(argv: List[str], *names: str) -> int:
+    for name in names:
+        value = _flag_value(argv, name)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 1
+
+
+def cpu_groups(cores: List[int], ranks: int) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for `ranks` ranks: contiguous groups of the cores
+    ("0|1" for 2 ranks on 2 cores); with fewer cores than ranks, ranks share cores."""
+    if len(cores) < ranks:
+        return "|".join(str(cores[i % len(cores)]) for i in range(ranks))
+    size = len(cores) // ranks
+    return "|".join(",".join(map(str, cores[i * size:(i + 1) * size])) for i in range(ranks))
+
+
 def cpu_defaults(argv: List[str]) -> List[str]:
     """SGLang on a CPU-only machine: torch_native attention, float32, a bounded KV cache, and
     an idle scheduler that sleeps."""
@@ -105,6 +122,12 @@ def cpu_defaults(argv: List[str]) -> List[str]:
     if not _has_flag(argv, "--max-total-tokens") and not _has_flag(argv, "--mem-fraction-static"):
         # Unbounded, SGLang sizes the KV cache from free host memory (15 GB for a tiny model).
         extra += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
+    ranks = _int_flag(argv, "--tp-size", "--tp") * _int_flag(argv, "--dp-size", "--dp")
+    if ranks > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in os.environ:
+        # SGLang binds each CPU rank to a NUMA node and refuses more ranks than nodes unless
+        # this says which cores each rank uses. Split this process's cores among the ranks.
+        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_groups(sorted(os.sched_getaffinity(0)),
+                                                               ranks)
     if not _has_flag(argv, "--sleep-on-idle"):
         # Idle, SGLang's scheduler polls its sockets without blocking: one core at 100%, taken
         # from the OpenMP threads of everything else on a small CPU. With this flag it blocks

@@ -7,13 +7,24 @@ def stats(server):
     return server.get("/lenvm/stats").json()[0]
 
 
+def all_stats(server) -> list:
+    """One entry per scheduler (data-parallel rank)."""
+    return server.get("/lenvm/stats").json()
+
+
+def _idle(s) -> bool:
+    return (s["running_requests"] == 0 and s["waiting_requests"] == 0
+            and s["protected_slots"] == 0
+            and s["free_slots"] + s["evictable_slots"] == s["kv_pool_tokens"])
+
+
 def wait_idle(server, timeout=60):
-    """No request running or waiting, and every slot free or held unlocked by the cache."""
+    """On every rank: no request running or waiting, and every slot free or held unlocked by
+    the cache. Returns the first rank's stats."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        s = stats(server)
-        if (s["running_requests"] == 0 and s["waiting_requests"] == 0 and s["protected_slots"] == 0
-                and s["free_slots"] + s["evictable_slots"] == s["kv_pool_tokens"]):
-            return s
+        every = all_stats(server)
+        if all(_idle(s) for s in every):
+            return every[0]
         time.sleep(0.5)
-    raise AssertionError(f"not idle after {timeout}s: {stats(server)}")
+    raise AssertionError(f"not idle after {timeout}s: {all_stats(server)}")

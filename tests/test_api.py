@@ -143,6 +143,70 @@ def test_middleware_without_lenvm_returns_400():
         api.configure(old)
 
 
+def _echo_client():
+    """The middleware in front of an app that echoes the body SGLang would see."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    async def echo(request):
+        return JSONResponse(await request.json())
+
+    async def models(request):
+        return JSONResponse({"data": []})
+
+    app = Starlette(routes=[Route(p, echo, methods=["POST", "PUT"]) for p in
+                            (CHAT, "/v1/completions", "/generate", "/vertex_generate",
+                             "/v1/embeddings")] + [Route("/v1/models", models)])
+    app.add_middleware(api.LengthFieldsMiddleware)
+    return TestClient(app)
+
+
+def test_length_fields_in_the_header():
+    """X-Length-Control carries the fields through proxies that rebuild bodies (SGLang's
+    router drops unknown body fields on chat and /generate, and forwards headers)."""
+    old = api._config
+    api.configure(LenVMConfig(lenvm_path="/x"))
+    try:
+        client = _echo_client()
+        h = {"X-Length-Control": json.dumps({"length_target": 8, "length_mode": "at_most"})}
+        body = client.post(CHAT, json={"messages": MSG, "max_tokens": 100}, headers=h).json()
+        assert "length_target" not in body and body["max_tokens"] == 8
+        assert body["custom_params"]["__lenvm"]["target"] == 8
+        g = client.post("/generate", json={"text": "x", "sampling_params": {
+            "max_new_tokens": 20}}, headers=h).json()
+        assert g["sampling_params"]["custom_params"]["__lenvm"]["mode"] == "at_most"
+        v = client.post("/vertex_generate", json={"instances": [{"text": "x"}]},
+                        headers=h).json()
+        assert v["parameters"]["sampling_params"]["custom_params"]["__lenvm"]["target"] == 8
+        plain = client.post(CHAT, json={"messages": MSG}).json()
+        assert plain == {"messages": MSG}  # no header, no fields: the body is untouched
+    finally:
+        api.configure(old)
+
+
+@pytest.mark.parametrize("method,path,header,body,param", [
+    ("POST", CHAT, "{not json", {"messages": MSG}, "X-Length-Control"),
+    ("POST", CHAT, "[8]", {"messages": MSG}, "X-Length-Control"),
+    ("POST", CHAT, '{"length_target": 8, "top_k": 3}', {"messages": MSG}, "X-Length-Control"),
+    ("POST", CHAT, '{"length_target": 8}', {"messages": MSG, "length_target": 9},
+     "length_target"),
+    ("POST", CHAT, '{"length_target": 0}', {"messages": MSG}, "length_target"),
+    ("POST", "/v1/embeddings", '{"length_target": 8}', {"input": "x"}, "X-Length-Control"),
+    ("GET", "/v1/models", '{"length_target": 8}', None, "X-Length-Control"),
+])
+def test_bad_length_header_gets_400(method, path, header, body, param):
+    old = api._config
+    api.configure(LenVMConfig(lenvm_path="/x"))
+    try:
+        r = _echo_client().request(method, path, json=body,
+                                   headers={"X-Length-Control": header})
+        assert r.status_code == 400 and r.json()["param"] == param, r.text
+    finally:
+        api.configure(old)
+
+
 BAD = [
     ({"length_target": "10"}, "length_target"),
     ({"length_target": 0}, "length_target"),

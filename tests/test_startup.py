@@ -129,3 +129,26 @@ def test_lenvm_smaller_than_the_tokenizer_is_refused(models, tmp_path):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(lenvm), "--port", "31999")
     assert r.returncode != 0
     assert f"a LenVM whose embedding has {n - 10} rows, fewer than the {n} tokens" in r.stderr
+
+
+def test_parallelism_flags():
+    """--dp-size is served (a LenVM per scheduler); tensor and pipeline parallelism are
+    refused with the reason."""
+    from sglang_lenvm.runtime.compat import check_server_args
+
+    check_server_args(types.SimpleNamespace(dp_size=2, tp_size=1, pp_size=1))
+    for flag in ("tp_size", "pp_size"):
+        args = types.SimpleNamespace(dp_size=1, tp_size=1, pp_size=1)
+        setattr(args, flag, 2)
+        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} > 1"):
+            check_server_args(args)
+    with pytest.raises(ValueError, match="--enable-dp-attention"):
+        check_server_args(types.SimpleNamespace(dp_size=2, enable_dp_attention=True))
+
+
+def test_cpu_cores_are_split_among_ranks():
+    from sglang_lenvm.launch_server import cpu_groups
+
+    assert cpu_groups([0, 1], 2) == "0|1"
+    assert cpu_groups([0, 1, 2, 3, 4], 2) == "0,1|2,3"
+    assert cpu_groups([3], 2) == "3|3"  # fewer cores than ranks: they share

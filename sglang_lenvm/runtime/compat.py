@@ -22,9 +22,13 @@ def check_server_args(args) -> None:
     problems = []
     if _get(args, "speculative_algorithm"):
         problems.append("--speculative-algorithm (its draft slots would collide with the LenVM's)")
-    for name, flag in (("tp_size", "--tp-size"), ("dp_size", "--dp-size"), ("pp_size", "--pp-size")):
+    # Data parallelism: each scheduler owns its LenVM and its mirror. Tensor and pipeline
+    # parallelism split the base model's layers or heads across ranks, which the LenVM's
+    # mirror and star forward do not follow yet.
+    for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size")):
         if (_get(args, name) or 1) > 1:
-            problems.append(f"{flag} > 1 (the LenVM runs on a single device)")
+            problems.append(f"{flag} > 1 (the LenVM runs on one device per scheduler; "
+                            f"--dp-size works)")
     if _get(args, "enable_mixed_chunk"):
         problems.append("--enable-mixed-chunk")
     if _get(args, "enable_hierarchical_cache"):

@@ -135,7 +135,7 @@ def _build_worker(_result, sched) -> None:
         from sglang_lenvm.runtime.metrics import LenVMMetrics
 
         _worker.metrics = LenVMMetrics(sched.server_args.served_model_name,
-                                       get_parallel().tp_rank)
+                                       get_parallel().tp_rank, get_parallel().dp_rank or 0)
 
 
 def _charge_kv_budget(_result, pool_configurator, kvc) -> None:
@@ -275,6 +275,9 @@ def _around_sample(orig, runner, logits_output, forward_batch, *args, **kwargs):
 def _after_preprocess_logits(result, runner, logits_output, sampling_info, *args, **kwargs):
     forward_batch = getattr(runner, "_lenvm_forward_batch", None)
     if forward_batch is None or not _is_target(runner):
+        return result
+    state = getattr(sampling_info, "lenvm_state", None)
+    if state is None or not state.any_active:  # no LenVM row: nothing to do, nothing to time
         return result
     from sglang_lenvm.runtime import faults
     from sglang_lenvm.runtime.scorer import score_step

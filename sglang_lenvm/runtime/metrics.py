@@ -2,7 +2,7 @@
 
 SGLang runs prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR is set before the
 scheduler process starts), so metrics created here, in the scheduler, are served by the HTTP
-server's /metrics with SGLang's own. Exported, labelled like SGLang's (model_name, tp_rank):
+server's /metrics with SGLang's own. Exported, labelled with model_name, tp_rank and dp_rank:
 
 - `sglang:lenvm_step_seconds{phase}` (histogram): host wall time of the LenVM's part of a step,
   phase "mirror" (the prefill mirror) or "scoring" (candidates, star forward, decision). On a
@@ -29,10 +29,10 @@ STEP_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,
 
 
 class LenVMMetrics:
-    def __init__(self, model_name: str, tp_rank: int):
+    def __init__(self, model_name: str, tp_rank: int, dp_rank: int):
         from prometheus_client import Histogram
 
-        self.labels = {"model_name": model_name, "tp_rank": str(tp_rank)}
+        self.labels = {"model_name": model_name, "tp_rank": str(tp_rank), "dp_rank": str(dp_rank)}
         self.step_seconds = Histogram(
             "sglang:lenvm_step_seconds", "Host wall time of the LenVM's part of a step.",
             labelnames=["phase", *self.labels], buckets=STEP_BUCKETS)

@@ -13,9 +13,14 @@ from sglang_lenvm.runtime import faults
 
 
 def worker_stats(worker, scheduler) -> dict:
+    from sglang.srt.runtime_context import get_parallel
+
     allocator = worker.target.token_to_kv_pool_allocator
     cache = scheduler.tree_cache
+    parallel = get_parallel()
     return {
+        "dp_rank": parallel.dp_rank or 0,
+        "tp_rank": parallel.tp_rank,
         "lenvm_path": worker.config.lenvm_path,
         "gamma": worker.gamma,
         "default_top_k": worker.config.top_k,
