@@ -67,7 +67,9 @@ def test_data_parallel_ranks_each_serve_with_their_own_lenvm(dp_server, server):
 @pytest.fixture(scope="module")
 def router(server, dp_server, tmp_path_factory):
     """SGLang's router (sglang-router, cache-aware policy) in front of two sglang-lenvm
-    servers: the session's and the data-parallel one."""
+    servers: the session's and the data-parallel one. --dp-aware: the router addresses each
+    DP rank itself (SGLang's own DP controller balances by load, not by prefix, so a repeated
+    prompt could land on the other rank's cache)."""
     import subprocess
     import sys
     import time
@@ -81,7 +83,7 @@ def router(server, dp_server, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
          "--port", str(port), "--worker-urls", server.url, dp_server.url,
-         "--policy", "cache_aware", "--prometheus-port", str(free_port())],
+         "--policy", "cache_aware", "--dp-aware", "--prometheus-port", str(free_port())],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -156,9 +158,10 @@ def test_router_drops_body_fields_on_chat(router):
 def test_router_keeps_prefix_hits(router):
     """Cache-aware routing sends a repeated prompt to the server that holds its prefix, and
     there the LenVM's mirror is reused too (cached tokens, no new mirrored prompt)."""
-    text = "A long shared prefix. " + " ".join(f"fact {i} is {i * 3}." for i in range(40))
-    gen = {"text": text, "sampling_params": {"max_new_tokens": 2}}
     short = {"X-Length-Control": '{"length_target": 2, "length_mode": "at_most"}'}
-    first = _post(router, "/generate", gen, short)
-    again = _post(router, "/generate", gen, short)
-    assert again["meta_info"]["cached_tokens"] >= first["meta_info"]["prompt_tokens"] - 1
+    for k in range(4):  # several prompts: the router spreads them over its workers
+        text = f"Prefix {k}. " + " ".join(f"fact {i} is {i * 3 + k}." for i in range(40))
+        gen = {"text": text, "sampling_params": {"max_new_tokens": 2}}
+        first = _post(router, "/generate", gen, short)
+        again = _post(router, "/generate", gen, short)
+        assert again["meta_info"]["cached_tokens"] >= first["meta_info"]["prompt_tokens"] - 1
