@@ -4,7 +4,6 @@ of every token count), parallel throughput; and the LenVM's Prometheus metrics."
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,14 +72,16 @@ def throughput(url: str, body: dict, concurrency: int, repeats: int) -> float:
 
 def lenvm_metrics(url: str) -> dict:
     """The LenVM's Prometheus samples (server started with --enable-metrics), summed over
-    labels other than `phase`: {"sglang:lenvm_step_seconds_sum{phase=scoring}": 1.2, ...}."""
+    labels other than `phase`: {("sglang:lenvm_step_seconds_sum", "scoring"): 1.2,
+    ("sglang:lenvm_star_forwards_total", None): 40.0, ...}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     r = requests.get(url + "/metrics", timeout=60)
     r.raise_for_status()
     out: dict = {}
-    for line in r.text.splitlines():
-        m = re.match(r"^(sglang:lenvm_[a-z_]+)(?:\{([^}]*)\})? ([0-9.eE+-]+)$", line)
-        if m:
-            phase = re.search(r'phase="([a-z]+)"', m.group(2) or "")
-            key = m.group(1) + (f"{{phase={phase.group(1)}}}" if phase else "")
-            out[key] = out.get(key, 0.0) + float(m.group(3))
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            if s.name.startswith("sglang:lenvm_") and "le" not in s.labels:
+                key = (s.name, s.labels.get("phase"))
+                out[key] = out.get(key, 0.0) + s.value
     return out

@@ -71,9 +71,9 @@ def position_profile(srv: Server, body: dict, positions: list[int], window: int,
         r.raise_for_status()
         samples += step_times(srv.log_path, offset, r.json()["usage"]["prompt_tokens"])
     after = lenvm_metrics(srv.url)
-    key = "sglang:lenvm_step_seconds_{}{{phase=scoring}}"
-    steps = after.get(key.format("count"), 0) - before.get(key.format("count"), 0)
-    seconds = after.get(key.format("sum"), 0) - before.get(key.format("sum"), 0)
+    count, total = (("sglang:lenvm_step_seconds_" + x, "scoring") for x in ("count", "sum"))
+    steps = after.get(count, 0) - before.get(count, 0)
+    seconds = after.get(total, 0) - before.get(total, 0)
     out = {}
     for p in positions:
         near = [s for pos, s in samples if abs(pos - p) <= window]

@@ -158,6 +158,17 @@ def _has_fields(sp) -> bool:
     return any(isinstance(i, dict) and any(f in i for f in FIELDS) for i in items)
 
 
+def _length_route(method: str, path: str) -> Optional[str]:
+    """Which kind of route serves length control: "openai", "generate", "vertex", or None."""
+    if method == "POST" and path in OPENAI_CHAT + (OPENAI_COMPLETION,):
+        return "openai"
+    if method in ("POST", "PUT") and path == "/generate":
+        return "generate"
+    if method == "POST" and path == _vertex_route():
+        return "vertex"
+    return None
+
+
 def merge_header(method: str, path: str, body: Optional[dict], header: str) -> dict:
     """The X-Length-Control header's fields, merged into the body (raises RequestError)."""
     try:
@@ -170,14 +181,12 @@ def merge_header(method: str, path: str, body: Optional[dict], header: str) -> d
     if unknown:
         raise RequestError(f"{HEADER} may carry only {', '.join(FIELDS)}; got {unknown[0]!r}",
                            HEADER)
-    generation = (method == "POST" and path in OPENAI_CHAT + (OPENAI_COMPLETION,)
-                  or method in ("POST", "PUT") and path == "/generate"
-                  or method == "POST" and path == _vertex_route())
-    if not generation or not isinstance(body, dict):
+    route = _length_route(method, path)
+    if route is None or not isinstance(body, dict):
         raise RequestError(f"{HEADER} is not supported on {method} {path}; length control is "
                            f"served on {SUPPORTED} (with a JSON object body)", HEADER)
     target = body
-    if path == _vertex_route():
+    if route == "vertex":
         target = body.get("parameters")
         if target is None:
             target = body["parameters"] = {}
@@ -197,16 +206,17 @@ def rewrite_body(method: str, path: str, body: dict) -> bool:
     if where is not None:
         raise RequestError(f"{where} is reserved for the server's own use", WIRE_NAME)
     _check_sample_counts(body)
-    if method == "POST" and path in OPENAI_CHAT + (OPENAI_COMPLETION,):
+    route = _length_route(method, path)
+    if route == "openai":
         if not any(f in body for f in FIELDS):
             return False
         limits = ("max_tokens",) if path == OPENAI_COMPLETION else ("max_completion_tokens",
                                                                    "max_tokens")
         rewrite_sampling(body, body, limit_fields=limits)
         return True
-    if method in ("POST", "PUT") and path == "/generate":
+    if route == "generate":
         return _rewrite_generate(body)
-    if method == "POST" and path == _vertex_route():
+    if route == "vertex":
         _refuse_fields(body, f"{path} (put them in `parameters`)")
         params = body.get("parameters")
         return isinstance(params, dict) and _rewrite_generate(params)

@@ -3,26 +3,13 @@ with --enable-metrics), and an idle server that is idle."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import psutil
 
 from pools import stats, wait_idle
 
-
-def _samples(server) -> dict:
-    """{(metric name, phase label or None): value} from GET /metrics, summed over other labels."""
-    r = server.get("/metrics")
-    assert r.status_code == 200, r.text[:500]
-    out: dict = {}
-    for line in r.text.splitlines():
-        m = re.match(r"^(sglang:lenvm_[a-z_]+)(?:\{([^}]*)\})? ([0-9.eE+-]+)$", line)
-        if m:
-            phase = re.search(r'phase="([a-z]+)"', m.group(2) or "")
-            key = (m.group(1), phase.group(1) if phase else None)
-            out[key] = out.get(key, 0.0) + float(m.group(3))
-    return out
+from benchmarks.client import lenvm_metrics
 
 
 def test_lenvm_counters_and_step_times_on_prometheus(server):
@@ -30,7 +17,7 @@ def test_lenvm_counters_and_step_times_on_prometheus(server):
         "max_new_tokens": 6, "length_target": 6, "length_mode": "equal"}})
     assert r.status_code == 200, r.text
     wait_idle(server)
-    m, s = _samples(server), stats(server)
+    m, s = lenvm_metrics(server.url), stats(server)
     # The counters are those of /lenvm/stats, synced after each step.
     for name in ("star_forwards", "candidates_scored", "mirror_extend_tokens", "star_rows"):
         assert m[(f"sglang:lenvm_{name}_total", None)] == s[name], name

@@ -288,13 +288,14 @@ def _after_preprocess_logits(result, runner, logits_output, sampling_info, *args
     return result
 
 
-@contextlib.contextmanager
 def _timed(phase: str):
     """Prometheus step time and counters (--enable-metrics), for steps with LenVM rows."""
     metrics = _worker.metrics
-    if metrics is None:
-        yield
-        return
+    return contextlib.nullcontext() if metrics is None else _observed(metrics, phase)
+
+
+@contextlib.contextmanager
+def _observed(metrics, phase: str):
     from sglang_lenvm.runtime import faults
 
     with metrics.time_phase(phase):
