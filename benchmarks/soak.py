@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         mixed = run_phase(url, args.seconds, args.clients, args.guided_share, args.seed + 2000)
         after = idle(url)
         rss_end = rss_mb(pid) if pid else None
-        requests.post(url + "/flush_cache", timeout=60)
+        requests.post(url + "/flush_cache?timeout=30", timeout=60)
         flushed = idle(url)
         failures = [r for r in baseline + mixed if not r["ok"]]
         unguided = lambda recs: [r["latency_s"] for r in recs  # noqa: E731

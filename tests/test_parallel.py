@@ -117,11 +117,13 @@ CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "Tell me abo
 def _fresh(*urls):
     """Empty the radix caches: a prompt computed from scratch everywhere. (A cached prefix
     gives float32 values a few 1e-6 off the fresh ones, and the tiny random models have
-    near-ties that this can flip.)"""
+    near-ties that this can flip.) `?timeout=`: SGLang defers the flush until its scheduler is
+    idle; a response can reach us before the scheduler has dropped the finished request from
+    its batch, and a flush without a timeout then answers 400."""
     import requests
 
     for u in urls:
-        assert requests.post(u + "/flush_cache", timeout=60).status_code == 200
+        assert requests.post(u + "/flush_cache?timeout=30", timeout=60).status_code == 200
 
 
 def test_through_the_router_with_the_header(router, server, dp_server):

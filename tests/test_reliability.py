@@ -68,7 +68,7 @@ def test_requests_hitting_max_tokens_and_flush(server):
         assert o["usage"]["completion_tokens"] == 20 + i
     s = wait_idle(server)
     assert s["evictable_slots"] > 0  # finished requests' KV stays in the radix cache
-    assert requests.post(server.url + "/flush_cache", timeout=30).status_code == 200
+    assert requests.post(server.url + "/flush_cache?timeout=30", timeout=60).status_code == 200
     s = wait_idle(server)
     assert s["free_slots"] == s["kv_pool_tokens"]
 
