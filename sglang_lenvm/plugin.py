@@ -25,8 +25,30 @@ def _patch_cpu_rotary() -> None:
     rotary_base._is_mps = True
 
 
+def _no_pynccl_on_cpu(orig, group_ranks, local_rank, backend, *args, **kwargs):
+    if not args and kwargs.get("use_pynccl") is None:
+        kwargs["use_pynccl"] = False
+    return orig(group_ranks, local_rank, backend, *args, **kwargs)
+
+
+def _patch_cpu_parallel() -> None:
+    # With --tp-size > 1 on a CPU-only machine, SGLang's generic platform asks for a PyNccl
+    # communicator in every group it builds (it skips it only for out-of-tree platforms that
+    # say they lack it), and PyNccl needs a CUDA device. Without it the groups fall back to
+    # torch.distributed on gloo, which is what SGLang's own CPU path uses.
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.distributed.parallel_state.init_model_parallel_group",
+                          _no_pynccl_on_cpu, HookType.AROUND)
+
+
 def register() -> None:
     _patch_cpu_rotary()
+    _patch_cpu_parallel()
 
     from sglang.srt.models.registry import ModelRegistry
 

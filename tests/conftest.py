@@ -66,7 +66,7 @@ SERVER_FIXTURES = {"server", "oracle_server", "fault_server"}
 SLOW_FIXTURES = {"models"}
 SLOW_MODULES = {"test_engine", "test_demo", "test_train_e2e", "test_train", "test_startup",
                 "test_kernel_bench_smoke", "test_kernel_compile", "test_generate_data"}
-SLOW_TESTS = {"test_interpreter_subprocess", "test_help"}
+SLOW_TESTS = {"test_interpreter_subprocess", "test_help", "test_ranks_agree_on_tokens_and_faults"}
 
 
 def pytest_collection_modifyitems(config, items):

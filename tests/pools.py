@@ -13,14 +13,16 @@ def all_stats(server) -> list:
 
 
 def _idle(s) -> bool:
-    return (s["running_requests"] == 0 and s["waiting_requests"] == 0
-            and s["protected_slots"] == 0
-            and s["free_slots"] + s["evictable_slots"] == s["kv_pool_tokens"])
+    """A scheduler and every one of its tensor-parallel ranks (same pool size on each)."""
+    return all(t["running_requests"] == 0 and t["waiting_requests"] == 0
+               and t["protected_slots"] == 0
+               and t["free_slots"] + t["evictable_slots"] == s["kv_pool_tokens"]
+               for t in [s, *s["tp_ranks"]])
 
 
 def wait_idle(server, timeout=60):
-    """On every rank: no request running or waiting, and every slot free or held unlocked by
-    the cache. Returns the first rank's stats."""
+    """On every rank (DP and TP): no request running or waiting, and every slot free or held
+    unlocked by the cache. Returns the first rank's stats."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         every = all_stats(server)

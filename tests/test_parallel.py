@@ -3,6 +3,9 @@ mirror per scheduler) and SGLang's router in front of several servers."""
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 
 import pytest
 from pools import all_stats, wait_idle
@@ -72,7 +75,6 @@ def router(server, dp_server, tmp_path_factory):
     prompt could land on the other rank's cache)."""
     import subprocess
     import sys
-    import time
 
     import requests
 
@@ -167,3 +169,132 @@ def test_router_keeps_prefix_hits(router):
         first = _post(router, "/generate", gen, short)
         again = _post(router, "/generate", gen, short)
         assert again["meta_info"]["cached_tokens"] >= first["meta_info"]["prompt_tokens"] - 1
+
+
+# ---- tensor parallelism: the LenVM sharded over the base model's TP group ----
+
+@pytest.fixture(scope="module")
+def tp_server(models, tmp_path_factory):
+    """--tp-size 2 on this CPU (SGLang's groups on gloo), fault injection on as on the
+    session server."""
+    from sglang_lenvm.runtime.faults import ENV_VAR, PHASES
+
+    s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
+                "--tp-size", "2", "--chunked-prefill-size", "64"],
+               tmp_path_factory.mktemp("logs") / "tp.log", env={ENV_VAR: ",".join(PHASES)})
+    yield s
+    s.stop()
+
+
+def _ranks_in_step(srv):
+    """Every TP rank of every scheduler: no token disagreement, the same LenVM work."""
+    for s in all_stats(srv):
+        ranks = s["tp_ranks"]
+        assert [r["tp_rank"] for r in ranks] == list(range(s["tp_size"])), s
+        assert all(r["tp_token_disagreements"] == 0 for r in ranks), ranks
+        for key in ("star_forwards", "faults", "quarantined_requests"):
+            assert len({r[key] for r in ranks}) == 1, (key, ranks)
+    return all_stats(srv)[0]
+
+
+def test_tensor_parallel_gives_the_single_rank_output(tp_server, server, models):
+    """Greedy `equal` and `at_most` at tp 2: the tokens of tp 1, the values of tp 1 within
+    fp32 rounding and of a plain transformers forward; the LenVM's KV is sharded (half the
+    bytes per token on each rank)."""
+    from transformers import AutoTokenizer
+
+    from reference import trace_reference
+
+    tok = AutoTokenizer.from_pretrained(str(models / "base"))
+    for prompt in PROMPTS[:2]:
+        single, sharded = _guided(server, prompt), _guided(tp_server, prompt)
+        _same(sharded, single)
+        for ids, p in sharded:
+            ref = trace_reference(models / "lenvm", tok.encode(prompt), ids)
+            assert max(abs(a - b) for a, b in zip(p, ref.tolist())) < 1e-4
+    s = _ranks_in_step(tp_server)
+    assert s["tp_size"] == 2 and s["star_forwards"] > 0
+    assert 2 * s["kv_bytes_per_token"] == all_stats(server)[0]["kv_bytes_per_token"]
+    wait_idle(tp_server)
+
+
+def test_tensor_parallel_sampled_batch_keeps_ranks_in_step(tp_server):
+    """Sampled requests of every kind in one batch (temperature 1: each rank draws its own
+    random numbers): the ranks take the same tokens at every step, and the lengths hold."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wait_idle(tp_server)
+    kinds = [{"length_target": 12, "length_mode": "equal"},
+             {"length_target": 10, "length_mode": "at_least"},
+             {"length_target": 6, "length_mode": "at_most"},
+             {"beta": -2.0}, {}, {"length_target": 8, "n": 2}]
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": PROMPTS[i % 4]}],
+               "max_tokens": 24, "temperature": 1.0, "return_length_values": True, **k}
+              for i, k in enumerate(kinds)]
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        outs = list(ex.map(lambda b: _post(tp_server.url, "/v1/chat/completions", b), bodies))
+    assert outs[1]["usage"]["completion_tokens"] >= 10
+    assert outs[2]["usage"]["completion_tokens"] <= 6
+    assert all(len(c["length_control"]["values"]) > 0 for o in outs for c in o["choices"])
+    _ranks_in_step(tp_server)
+    wait_idle(tp_server)
+
+
+@pytest.mark.parametrize("phase", ["mirror", "star", "outputs"])
+def test_tensor_parallel_fault_costs_one_request_on_every_rank(tp_server, server, phase):
+    """An injected LenVM fault at tp 2: the request is quarantined on both ranks and goes on
+    unguided, its batch-mate gets the single-rank output, and both ranks come back to idle."""
+    tag = uuid.uuid4().hex
+    sp = [{"max_new_tokens": 16, "temperature": 0, "length_target": t,
+           "length_mode": "at_most", "return_length_values": True} for t in (6, 11)]
+
+    def batch(srv, rids):
+        wait_idle(srv)
+        _fresh(srv.url)
+        return _post(srv.url, "/generate", {"text": PROMPTS[:2], "rid": rids,
+                                            "sampling_params": sp})
+
+    reference = batch(server, [f"ok-a-{tag}", f"ok-b-{tag}"])
+    before = all_stats(tp_server)[0]["quarantined_requests"]
+    out = batch(tp_server, [f"lenvm-fault-{phase}-{tag}", f"ok-c-{tag}"])
+    assert any(out[0]["meta_info"].get("lenvm_fault") or [])
+    assert len(out[0]["output_ids"]) <= 6  # the at_most cap needs no LenVM
+    assert not out[1]["meta_info"].get("lenvm_fault")
+    assert out[1]["output_ids"] == reference[1]["output_ids"]
+    s = _ranks_in_step(tp_server)
+    assert s["quarantined_requests"] == before + 1
+    wait_idle(tp_server)
+
+
+def test_tensor_parallel_aborts_and_disconnects_free_every_rank(tp_server):
+    import requests
+
+    wait_idle(tp_server)
+    for _ in range(2):  # hang up mid-stream
+        with requests.post(tp_server.url + "/v1/chat/completions", stream=True, timeout=60,
+                           json={**CHAT_BODY, "max_tokens": 300, "temperature": 1.0,
+                                 "length_target": 250, "length_mode": "at_least",
+                                 "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 5:
+                    break
+    rids = [f"abort-{uuid.uuid4().hex}" for _ in range(4)]
+    threads = [threading.Thread(target=requests.post, args=(tp_server.url + "/generate",),
+                                kwargs={"timeout": 120, "json": {
+                                    "text": "word " * (200 * (i % 2)) + "Tell a story",
+                                    "rid": rid, "sampling_params": {
+                                        "max_new_tokens": 300, "length_target": 250,
+                                        "length_mode": "at_least"}}})
+               for i, rid in enumerate(rids)]
+    for t in threads:
+        t.start()
+    for i, rid in enumerate(rids):  # staggered: queued, prefilling, decoding
+        time.sleep(0.1 * i)
+        requests.post(tp_server.url + "/abort_request", json={"rid": rid}, timeout=30)
+    for t in threads:
+        t.join(timeout=120)
+    wait_idle(tp_server)
+    _ranks_in_step(tp_server)
+    out = _post(tp_server.url, "/generate", {"text": "hi", "sampling_params": {
+        "max_new_tokens": 20, "length_target": 5, "length_mode": "at_most"}})
+    assert out["meta_info"]["completion_tokens"] <= 5

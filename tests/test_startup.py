@@ -132,16 +132,13 @@ def test_lenvm_smaller_than_the_tokenizer_is_refused(models, tmp_path):
 
 
 def test_parallelism_flags():
-    """--dp-size is served (a LenVM per scheduler); tensor and pipeline parallelism are
-    refused with the reason."""
+    """--dp-size and --tp-size are served (a LenVM per scheduler, sharded over its TP
+    group); pipeline parallelism is refused with the reason."""
     from sglang_lenvm.runtime.compat import check_server_args
 
-    check_server_args(types.SimpleNamespace(dp_size=2, tp_size=1, pp_size=1))
-    for flag in ("tp_size", "pp_size"):
-        args = types.SimpleNamespace(dp_size=1, tp_size=1, pp_size=1)
-        setattr(args, flag, 2)
-        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} > 1"):
-            check_server_args(args)
+    check_server_args(types.SimpleNamespace(dp_size=2, tp_size=2, pp_size=1))
+    with pytest.raises(ValueError, match="--pp-size > 1 .*use --tp-size or --dp-size"):
+        check_server_args(types.SimpleNamespace(dp_size=1, tp_size=1, pp_size=2))
     with pytest.raises(ValueError, match="--enable-dp-attention"):
         check_server_args(types.SimpleNamespace(dp_size=2, enable_dp_attention=True))
 

@@ -22,13 +22,12 @@ def check_server_args(args) -> None:
     problems = []
     if _get(args, "speculative_algorithm"):
         problems.append("--speculative-algorithm (its draft slots would collide with the LenVM's)")
-    # Data parallelism: each scheduler owns its LenVM and its mirror. Tensor and pipeline
-    # parallelism split the base model's layers or heads across ranks, which the LenVM's
-    # mirror and star forward do not follow yet.
-    for name, flag in (("tp_size", "--tp-size"), ("pp_size", "--pp-size")):
-        if (_get(args, name) or 1) > 1:
-            problems.append(f"{flag} > 1 (the LenVM runs on one device per scheduler; "
-                            f"--dp-size works)")
+    # Data parallelism: each scheduler owns its LenVM and its mirror. Tensor parallelism:
+    # the LenVM is sharded over the base model's TP group, as SGLang shards a draft model.
+    if (_get(args, "pp_size") or 1) > 1:
+        problems.append("--pp-size > 1 (each pipeline stage holds some of the base model's "
+                        "layers, while the LenVM is a whole second model scoring where the "
+                        "last stage samples; use --tp-size or --dp-size)")
     if _get(args, "enable_mixed_chunk"):
         problems.append("--enable-mixed-chunk")
     if _get(args, "enable_hierarchical_cache"):

@@ -12,7 +12,8 @@ Per batch (lifecycle of the per-request length state, like penaltylib):
   and copy_for_forward (the forward gets a shallow copy of the sampling info).
 Per step:
   ModelRunner.forward (AFTER)            -> KV mirror of prefill batches (LenVM rows only)
-  ModelRunner.sample (AROUND)            -> hands the batch to the logits hook, attaches outputs
+  ModelRunner.sample (AROUND)            -> hands the batch to the logits hook, attaches outputs;
+                                            under --tp-size, ranks agree (tensor_parallel.py)
   ModelRunner._preprocess_logits (AFTER) -> candidate scoring on the processed logits
 Outputs: SchedulerOutputStreamer.is_request_level_customized_info_key, Scheduler.get_internal_state.
 HTTP / Engine process: `responses.HOOKS` (length_control in OpenAI responses) and
@@ -159,9 +160,13 @@ def _init_attention(_result, sched) -> None:
 def _internal_state(result, sched, *args, **kwargs):
     if _worker is not None:
         from sglang_lenvm.runtime import faults
-        from sglang_lenvm.runtime.stats import worker_stats
+        from sglang_lenvm.runtime.stats import tp_rank_summary, worker_stats
 
         stats = faults.guarded("stats", lambda: worker_stats(_worker, sched))
+        # Every TP rank runs this for the same control request: rank 0 reports them all.
+        every = _worker.tp.gather_stats(stats)
+        if stats is not None:
+            stats["tp_ranks"] = [tp_rank_summary(s) for s in every]
         result.internal_state["lenvm"] = stats
     return result
 
@@ -262,6 +267,10 @@ def _around_sample(orig, runner, logits_output, forward_batch, *args, **kwargs):
         out = orig(runner, logits_output, forward_batch, *args, **kwargs)
     finally:
         runner._lenvm_forward_batch = None
+    state = getattr(forward_batch.sampling_info, "lenvm_state", None)
+    steered = state is not None and state.any_active
+    if steered and out is not None:
+        _worker.tp.agree_on_tokens(out)  # tensor parallelism only: every rank, same tokens
     outputs = getattr(forward_batch, "lenvm_output", None)
     if outputs:
         from sglang_lenvm.runtime import faults
@@ -269,6 +278,8 @@ def _around_sample(orig, runner, logits_output, forward_batch, *args, **kwargs):
 
         faults.guarded("outputs", lambda: attach(logits_output, outputs, out),
                        _reqs_of(forward_batch))
+    if steered:
+        _worker.tp.agree_on_faults(state.reqs)
     return out
 
 

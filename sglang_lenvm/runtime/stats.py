@@ -42,4 +42,17 @@ def worker_stats(worker, scheduler) -> dict:
         "protected_slots": int(cache.protected_size()),
         "running_requests": len(scheduler.running_batch.reqs),
         "waiting_requests": len(scheduler.waiting_queue),
+        **worker.tp.stats(),
     }
+
+
+# What /lenvm/stats shows of each tensor-parallel rank (all ranks share one slot layout, so
+# each must come back to idle; only rank 0 answers SGLang's control requests).
+TP_RANK_KEYS = ("tp_rank", "free_slots", "evictable_slots", "protected_slots",
+                "running_requests", "waiting_requests", "faults", "quarantined_requests",
+                "star_forwards", "tp_token_disagreements")
+
+
+def tp_rank_summary(stats) -> dict:
+    """One TP rank's entry (None: that rank's stats failed; the failure is in its log)."""
+    return None if stats is None else {k: stats.get(k) for k in TP_RANK_KEYS}

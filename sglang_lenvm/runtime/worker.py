@@ -27,6 +27,7 @@ import torch
 from sglang_lenvm.checkpoint import inspect_checkpoint
 from sglang_lenvm.config import LenVMConfig, resolve_gamma
 from sglang_lenvm.runtime.star_attention import StarAttentionBackend, StarMeta
+from sglang_lenvm.runtime.tensor_parallel import Agreement
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class LenVMWorker:
         self.stats = {"mirror_extend_tokens": 0, "mirror_extend_forwards": 0,
                       "star_forwards": 0, "star_rows": 0, "candidates_scored": 0}
         self.metrics = None  # runtime/metrics.LenVMMetrics with --enable-metrics
+        self.tp = Agreement.current()  # keeps TP ranks in step (a no-op at tp 1)
         logger.info("LenVM %s loaded in %.2fs (gamma=%s)", config.lenvm_path,
                     time.perf_counter() - tic, self.gamma)
 
@@ -86,7 +88,13 @@ class LenVMWorker:
     def kv_bytes_per_token(self) -> int:
         mc = self.model_config
         itemsize = torch.empty((), dtype=self.runner.kv_cache_dtype).element_size()
-        return 2 * mc.num_hidden_layers * mc.get_num_kv_heads(1) * mc.head_dim * itemsize
+        return 2 * mc.num_hidden_layers * self.kv_heads() * mc.head_dim * itemsize
+
+    def kv_heads(self) -> int:
+        """KV heads on this rank: the LenVM is sharded over the base model's TP group."""
+        from sglang.srt.runtime_context import get_parallel
+
+        return self.model_config.get_num_kv_heads(get_parallel().tp_size)
 
     def attach_pools(self):
         """Share the base model's slot table and allocator; own a KV pool of the same size."""
@@ -104,7 +112,7 @@ class LenVMWorker:
             t.max_total_num_tokens,
             page_size=t.page_size,
             dtype=r.kv_cache_dtype,
-            head_num=mc.get_num_kv_heads(1),
+            head_num=self.kv_heads(),
             head_dim=mc.head_dim,
             layer_num=mc.num_hidden_layers,
             device=self.device,
