@@ -16,6 +16,9 @@ from typing import Optional
 
 HEAD_FILE = "value_head.safetensors"
 HEAD_PREFIX = "v_head."
+# Optional: the one-pass candidate head (value_head.CandidateHead), beside the value head.
+CANDIDATE_HEAD_FILE = "candidate_head.safetensors"
+CANDIDATE_HEAD_PREFIX = "c_head."
 # Causal-LM architecture in config.json -> our SGLang model class for it.
 LENVM_ARCHITECTURES = {
     "Qwen2ForCausalLM": "Qwen2ForLengthValue",
@@ -137,6 +140,33 @@ def load_head_tensors(path: str) -> dict:
                 if k.startswith(HEAD_PREFIX):
                     out[k] = f.get_tensor(k)
     return out
+
+
+def expected_candidate_head_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "c_head.state.weight": (hidden, hidden),
+        "c_head.state.bias": (hidden,),
+        "c_head.token.weight": (hidden, hidden),
+        "c_head.summary.weight": (1, hidden),
+        "c_head.summary.bias": (1,),
+    }
+
+
+def load_candidate_head_tensors(path: str, hidden: int) -> Optional[dict]:
+    """The c_head.* tensors of `candidate_head.safetensors`, checked; None if there is none."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / CANDIDATE_HEAD_FILE
+    if not file.is_file():
+        return None
+    tensors = load_file(str(file))
+    expected = expected_candidate_head_shapes(hidden)
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        raise LenVMCheckpointError(
+            f"{file} holds {sorted(got.items())}, expected {sorted(expected.items())} for "
+            f"hidden_size={hidden}")
+    return tensors
 
 
 def tokenizer_fingerprint(path: str) -> dict:

@@ -36,6 +36,12 @@ DEFAULT_AT_LEAST_END_PULL = 1.0
 # guard, with or without a LenVM): SGLang expands n into n requests at once, so one body with
 # n = 10**6 would occupy the server for hours. OpenAI's API has the same bound.
 DEFAULT_MAX_N = 128
+# How candidates are scored: "star" runs the LenVM over every candidate (a star tree: 1 + K
+# tokens per request per step); "one-pass" runs it over the state only and scores the
+# candidates with the checkpoint's candidate head (candidate_head.safetensors); "auto": one-pass
+# when the checkpoint ships that head, else star.
+SCORINGS = ("star", "one-pass", "auto")
+DEFAULT_SCORING = "star"
 
 
 def resolve_gamma(requested: Optional[float], recorded: Optional[float]) -> float:
@@ -65,6 +71,8 @@ class LenVMConfig:
     equal_softness: float = DEFAULT_EQUAL_SOFTNESS
     # at_least: the pull toward ending once the target is reached (0: none)
     at_least_end_pull: float = DEFAULT_AT_LEAST_END_PULL
+    # see SCORINGS
+    scoring: str = DEFAULT_SCORING
 
     def __post_init__(self):
         if self.gamma is not None and not (0.0 < self.gamma < 1.0 and math.isfinite(self.gamma)):
@@ -82,9 +90,21 @@ class LenVMConfig:
         if not (0.0 <= self.at_least_end_pull < math.inf):
             raise ValueError(f"--lenvm-at-least-end-pull must be a finite number >= 0, "
                              f"got {self.at_least_end_pull}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"--lenvm-scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if not self.equal_softness >= 0.0:
             raise ValueError(f"--lenvm-equal-softness must be >= 0 (inf: the closest candidate), "
                              f"got {self.equal_softness}")
+
+    def resolved_scoring(self, has_candidate_head: bool) -> str:
+        """"star" or "one-pass" for a checkpoint with or without a candidate head."""
+        if self.scoring == "one-pass" and not has_candidate_head:
+            raise ValueError(f"--lenvm-scoring one-pass needs candidate_head.safetensors in "
+                             f"{self.lenvm_path} (python -m sglang_lenvm.train "
+                             f"--candidate-head trains one)")
+        if self.scoring == "auto":
+            return "one-pass" if has_candidate_head else "star"
+        return self.scoring
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))  # Infinity round-trips

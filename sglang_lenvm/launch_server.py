@@ -24,8 +24,10 @@ from sglang_lenvm.config import (
     DEFAULT_EQUAL_SOFTNESS,
     DEFAULT_PLAUSIBILITY,
     DEFAULT_GAMMA,
+    DEFAULT_SCORING,
     DEFAULT_TOP_K,
     EQUAL_DISTANCES,
+    SCORINGS,
     LenVMConfig,
     resolve_gamma,
 )
@@ -70,6 +72,12 @@ def _our_parser() -> argparse.ArgumentParser:
                         "its stop token joins the candidates (and wins): it ends by "
                         "(1 + F) x target tokens even when degenerate text keeps the stop token "
                         "out of the top-k ('inf': never)")
+    g.add_argument("--lenvm-scoring", choices=SCORINGS, default=DEFAULT_SCORING,
+                   help="how candidates are scored: 'star' runs the LenVM over every "
+                        "candidate (1 + K tokens per request per step), 'one-pass' over the "
+                        "state only, with the checkpoint's candidate head "
+                        "(candidate_head.safetensors); 'auto': one-pass when the checkpoint "
+                        "has that head")
     g.add_argument("--lenvm-max-n", type=int, default=DEFAULT_MAX_N, metavar="N",
                    help="most samples (n, best_of) one request may ask for, on every route, "
                         "guided or not: SGLang runs n samples at once, so an unbounded n lets "
@@ -141,14 +149,21 @@ def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[fl
                 **settings) -> LenVMConfig:
     """Validate a LenVM checkpoint (and its tokenizer against the base's) into a config;
     `settings` are LenVMConfig fields."""
-    from sglang_lenvm.checkpoint import check_same_tokenizer, inspect_checkpoint
+    from sglang_lenvm.checkpoint import (
+        check_same_tokenizer,
+        inspect_checkpoint,
+        load_candidate_head_tensors,
+    )
 
     ckpt = inspect_checkpoint(lenvm_path)
     if base_path is not None:
         check_same_tokenizer(base_path, lenvm_path)
-    return LenVMConfig(lenvm_path=os.path.abspath(lenvm_path),
-                       gamma=resolve_gamma(gamma, ckpt.gamma),
-                       **settings)
+    config = LenVMConfig(lenvm_path=os.path.abspath(lenvm_path),
+                         gamma=resolve_gamma(gamma, ckpt.gamma), **settings)
+    # A missing or misshapen candidate head is refused here, before anything loads.
+    config.resolved_scoring(load_candidate_head_tensors(lenvm_path, ckpt.hidden_size)
+                            is not None)
+    return config
 
 
 def prepare(argv: List[str]):
@@ -169,7 +184,8 @@ def prepare(argv: List[str]):
                              equal_max_overshoot=ours.lenvm_equal_max_overshoot,
                              plausibility=ours.lenvm_plausibility,
                              equal_softness=ours.lenvm_equal_softness,
-                             at_least_end_pull=ours.lenvm_at_least_end_pull)
+                             at_least_end_pull=ours.lenvm_at_least_end_pull,
+                             scoring=ours.lenvm_scoring)
         config.to_env()
     else:
         os.environ.pop("SGLANG_LENVM_CONFIG", None)

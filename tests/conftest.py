@@ -28,6 +28,10 @@ def models(tmp_path_factory):
     tm.build_causal_lm(root / "cbase", root / "ctok", seed=5)
     tm.build_oracle_lenvm(root / "oracle", root / "ctok", gamma=0.9, head_placement="shards",
                           arch="qwen3")
+    # The same LenVMs with a one-pass candidate head (tests/test_one_pass.py).
+    tm.with_candidate_head(root / "lenvm", root / "lenvm_1p", tm.random_candidate_head(64))
+    tm.with_candidate_head(root / "oracle", root / "oracle_1p",
+                           tm.oracle_candidate_head(root / "oracle"))
     return root
 
 
@@ -62,7 +66,8 @@ def oracle_server(models, tmp_path_factory):
 # Test tiers: `pytest -m unit` (seconds: no models, no servers, no subprocesses), `-m server`
 # (against real servers on the tiny models), `-m slow` (everything else that takes time:
 # building models, training, Triton interpreter children, the Engine, the demo pair).
-SERVER_FIXTURES = {"server", "oracle_server", "fault_server"}
+SERVER_FIXTURES = {"server", "oracle_server", "fault_server", "one_pass_server",
+                   "oracle_one_pass_server"}
 SLOW_FIXTURES = {"models"}
 SLOW_MODULES = {"test_engine", "test_demo", "test_train_e2e", "test_train", "test_startup",
                 "test_kernel_bench_smoke", "test_kernel_compile", "test_generate_data"}

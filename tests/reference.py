@@ -10,7 +10,7 @@ import torch
 from sglang_lenvm.checkpoint import load_head_tensors
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _load(path: str):
     from transformers import AutoModel
 
@@ -34,3 +34,19 @@ def trace_reference(path, prompt_ids: list[int], output_ids: list[int]) -> torch
     p = lenvm_p(path, prompt_ids + output_ids)
     P = len(prompt_ids)
     return p[P - 1: P - 1 + len(output_ids)]
+
+
+def candidate_p(path: str | Path, token_ids: list[int], cand_ids: list[int]) -> torch.Tensor:
+    """One-pass reference: sigmoid(c_head(h, e(x))) for candidates x after `token_ids`, with
+    h the last position's final hidden state and e the LenVM's input embedding (float64)."""
+    from safetensors.torch import load_file
+
+    model, _ = _load(str(path))
+    c = {k: v.float() for k, v in load_file(str(Path(path) / "candidate_head.safetensors")).items()}
+    with torch.no_grad():
+        h = model(torch.tensor([token_ids])).last_hidden_state[0, -1].float()
+        e = model.get_input_embeddings()(torch.tensor(cand_ids)).float()
+        a = torch.nn.functional.silu(h @ c["c_head.state.weight"].T + c["c_head.state.bias"]
+                                     + e @ c["c_head.token.weight"].T)
+        z = a @ c["c_head.summary.weight"].T + c["c_head.summary.bias"]
+    return torch.sigmoid(z[:, 0].double())

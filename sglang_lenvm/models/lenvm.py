@@ -21,6 +21,7 @@ from sglang.srt.models.qwen3 import Qwen3Model
 from sglang.srt.utils import add_prefix
 
 from sglang_lenvm.checkpoint import (
+    CANDIDATE_HEAD_PREFIX,
     HEAD_PREFIX,
     LenVMCheckpointError,
     check_head_shapes,
@@ -71,6 +72,8 @@ class _LengthValueModel(nn.Module):
             if name.startswith(HEAD_PREFIX):
                 head[name] = tensor
                 continue
+            if name.startswith(CANDIDATE_HEAD_PREFIX):
+                continue  # candidate_head.safetensors: the worker loads it (one-pass scoring)
             if name.startswith("lm_head.") or name.endswith(_IGNORED_SUFFIXES):
                 continue  # a LenVM has no LM head; tied or not, it is unused
             for fused, part, shard in _STACKED:

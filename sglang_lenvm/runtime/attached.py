@@ -9,6 +9,7 @@ SamplingBatchInfo
   lenvm_state    length_state.LengthState | None: the batch's per-request length state
 ForwardBatch (one step)
   lenvm_last_z   tensor [bs]: raw LenVM value at each prefill row's last prompt token
+  lenvm_last_h   tensor [bs, H]: the LenVM's hidden state there (one-pass scoring only)
   lenvm_output   outputs.LenVMDeviceOutput: values to report for this step
 ModelRunner (the base model's)
   _lenvm_forward_batch  the ForwardBatch being sampled (set around ModelRunner.sample)

@@ -16,12 +16,19 @@ from sglang_lenvm.runtime.attached import fault_of
 
 def mirror_prefill(worker, forward_batch, state) -> None:
     """Sets forward_batch.lenvm_last_z: [bs] raw value at each row's last new token (NaN for
-    rows not mirrored). Rows whose mirror fails are quarantined."""
+    rows not mirrored), and with one-pass scoring forward_batch.lenvm_last_h: [bs, H] the
+    hidden state there (the candidate head reads it). Rows whose mirror fails are
+    quarantined."""
     rows = [i for i, a in enumerate(state.active) if a and fault_of(state.reqs[i]) is None]
     n = forward_batch.batch_size
-    last_z = torch.full((n,), float("nan"), dtype=torch.float32,
-                        device=forward_batch.input_ids.device)
+    device = forward_batch.input_ids.device
+    last_z = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     forward_batch.lenvm_last_z = last_z
+    last_h = None
+    if worker.candidate_head is not None:
+        hidden = worker.model_config.hidden_size
+        last_h = torch.full((n, hidden), float("nan"), dtype=torch.float32, device=device)
+        forward_batch.lenvm_last_h = last_h
     if not rows:
         return
 
@@ -32,8 +39,13 @@ def mirror_prefill(worker, forward_batch, state) -> None:
     how, result = faults.isolated("mirror", [state.reqs[i] for i in rows],
                                   lambda: run(rows), lambda j: run([rows[j]]))
     if how == "batch":
-        last_z[torch.tensor(rows, dtype=torch.int64).to(last_z.device)] = result.float()
-        return
-    for i, z in zip(rows, result):
-        if z is not None:
-            last_z[i] = z[0].float()
+        done, hidden = torch.tensor(rows, dtype=torch.int64).to(device), result
+    else:
+        ok = [(i, h) for i, h in zip(rows, result) if h is not None]
+        if not ok:
+            return
+        done = torch.tensor([i for i, _ in ok], dtype=torch.int64).to(device)
+        hidden = torch.cat([h for _, h in ok])
+    last_z[done] = worker.model.v_head(hidden).float()
+    if last_h is not None:
+        last_h[done] = hidden.float()

@@ -12,8 +12,9 @@ tokens are committed to their requests, before streaming. We then put per-reques
 - `lenvm_fallback`: per output token, True where the LenVM produced non-finite values and the
   token was sampled from the base distribution instead.
 - `lenvm_p_chosen`: per output token of a steered request, the value the LenVM gave the token
-  that was then sampled, p(s_t + x_t) (None where it was not a candidate); it equals the next
-  entry of `lenvm_p`, and for a last token that ended by EOS it is 0.
+  that was then sampled, p(s_t + x_t) (None where it was not a candidate); with star scoring it
+  equals the next entry of `lenvm_p` (with one-pass scoring it is the candidate head's
+  estimate of it), and for a last token that ended by EOS it is 0.
 - `lenvm_fault` (faults.py): per output token, the reason LenVM guidance stopped, at the token
   where it did (None elsewhere).
 Entries stay aligned with the output tokens: a step that reports nothing for a request (after

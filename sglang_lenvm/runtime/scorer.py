@@ -117,18 +117,24 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
 
     # The star trees: [root] + candidates. Decode roots are the step's input tokens, written
     # to their own KV slots (the mirror); prefill rows were mirrored after the base forward.
+    # One-pass scoring: the trees are roots only, and the candidate head scores the candidates
+    # from the state's hidden state (the root's, or the prompt's last token's in a prefill).
     R = 1 if is_decode else 0
-    T = R + K
-    decision = None
+    one_pass = worker.candidate_head is not None and K > 0
+    tree_k = 0 if one_pass else K
+    T = R + tree_k
+    decision = hidden = None
     if T == 0:
         p_state = torch.sigmoid(forward_batch.lenvm_last_z[index])
+        if one_pass:
+            hidden = forward_batch.lenvm_last_h[index]
     else:
         parts, pos = [], []
         prefix = seq_lens - R
         if R:
             parts.append(forward_batch.input_ids[index].view(-1, 1))
             pos.append(prefix.view(-1, 1))
-        if K:
+        if tree_k:
             parts.append(cand.ids)
             pos.append((prefix + R).view(-1, 1).expand(B, K))
         meta = StarMeta(
@@ -141,13 +147,19 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         )
         tokens, positions = torch.cat(parts, 1), torch.cat(pos, 1)
         faults.inject("star", rids)
-        if K:
+        if one_pass:
+            hidden = worker.star_hidden(tokens, positions, meta)  # [B, H]: roots only
+            p_all = torch.sigmoid(worker.model.v_head(hidden)).view(B, 1)
+        elif K:
             decision = _values_and_decision(worker, tokens, positions, meta, cand, st, generated,
                                             must_stop, rids)
             p_all = decision.p_all
         else:
             p_all = torch.sigmoid(worker.star(tokens, positions, meta))
         p_state = p_all[:, 0] if R else torch.sigmoid(forward_batch.lenvm_last_z[index])
+    if one_pass:
+        decision = _one_pass_decision(worker, hidden, p_state, cand, st, generated, must_stop,
+                                      bool(R), rids)
 
     ok = torch.isfinite(p_state)
     use = new = neutralize = None
@@ -276,6 +288,22 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, m
     p_all = torch.sigmoid(worker.star(tokens, positions, meta))
     faults.inject("decision", rids)
     return decide_from_values(p_all, cand, st.stop_ids, equal_distance=cfg.equal_distance, **kw)
+
+
+def _one_pass_decision(worker, hidden, p_state, cand, st, generated, must_stop, has_root,
+                       rids) -> HeadDecision:
+    """The candidates' values from the candidate head, then the same decision as the star
+    path (on GPU too: the fused kernel reads star hidden states, which one-pass skips)."""
+    cfg = worker.config
+    p_cand = torch.sigmoid(worker.candidate_values(hidden.float(), cand.ids))
+    p_all = torch.cat([p_state.float().view(-1, 1), p_cand], 1) if has_root else p_cand
+    faults.inject("decision", rids)
+    return decide_from_values(p_all, cand, st.stop_ids, equal_distance=cfg.equal_distance,
+                              has_root=has_root, mode=st.mode, target=st.target,
+                              generated=generated, beta=st.beta, greedy=st.greedy,
+                              gamma=worker.gamma, plausibility=cfg.plausibility,
+                              equal_softness=cfg.equal_softness,
+                              at_least_end_pull=cfg.at_least_end_pull, must_stop=must_stop)
 
 
 def _equal_stop_near(state: LengthState, forward_batch, rows) -> bool:

@@ -10,7 +10,9 @@ Two kinds of LenVM forward, both run here:
 - `mirror_extend`: after a base-model prefill (EXTEND) forward, the same tokens into the same
   slots, reusing the base model's ForwardBatch and SGLang's stock attention backend.
 - `star`: one forward over all guided requests' star trees (see star_attention.py), which in
-  decode steps also writes the root token's KV, i.e. does the mirror for decode.
+  decode steps also writes the root token's KV, i.e. does the mirror for decode. With
+  one-pass scoring the trees are roots only, and `candidate_values` scores the candidates from
+  the roots' hidden states (value_head.CandidateHead).
 """
 
 from __future__ import annotations
@@ -77,11 +79,28 @@ class LenVMWorker:
         self.star_backend: Optional[StarAttentionBackend] = None
         # Counters for /lenvm/stats (host ints: no device sync to maintain them).
         self.stats = {"mirror_extend_tokens": 0, "mirror_extend_forwards": 0,
-                      "star_forwards": 0, "star_rows": 0, "candidates_scored": 0}
+                      "star_forwards": 0, "star_rows": 0, "star_tokens": 0,
+                      "candidates_scored": 0}
         self.metrics = None  # runtime/metrics.LenVMMetrics with --enable-metrics
         self.tp = Agreement.current()  # keeps TP ranks in step (a no-op at tp 1)
+        self.candidate_head = self._load_candidate_head(ckpt.hidden_size)
+        # "star" or "one-pass" (config.SCORINGS)
+        self.scoring = config.resolved_scoring(self.candidate_head is not None)
+        if self.scoring == "star":
+            self.candidate_head = None
         logger.info("LenVM %s loaded in %.2fs (gamma=%s)", config.lenvm_path,
                     time.perf_counter() - tic, self.gamma)
+
+    def _load_candidate_head(self, hidden: int):
+        from sglang_lenvm.checkpoint import load_candidate_head_tensors
+        from sglang_lenvm.value_head import CandidateHead
+
+        tensors = load_candidate_head_tensors(self.config.lenvm_path, hidden)
+        if tensors is None:
+            return None
+        head = CandidateHead(hidden)
+        head.load_state_dict({k[len("c_head."):]: v.float() for k, v in tensors.items()})
+        return head.to(self.device).eval()
 
     # ---- construction steps, called from the scheduler's init hooks ----
 
@@ -137,7 +156,8 @@ class LenVMWorker:
         """Run some rows of the base model's prefill batch through the LenVM, into the same KV
         slots (all rows when `rows` is None).
 
-        Returns the raw value z at each mirrored row's last new token ([len(rows)], float32).
+        Returns the final-norm hidden state at each mirrored row's last new token
+        ([len(rows), H]); `v_head` of it is the state's raw value z.
         """
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
@@ -149,7 +169,16 @@ class LenVMWorker:
         last = torch.cumsum(fb.extend_seq_lens, 0) - 1
         self.stats["mirror_extend_forwards"] += 1
         self.stats["mirror_extend_tokens"] += int(fb.input_ids.shape[0])
-        return self.model.v_head(hidden[last])
+        return hidden[last]
+
+    @torch.no_grad()
+    def candidate_values(self, hidden: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
+        """One-pass scoring: raw values z [B, K] of the candidates `cand_ids` [B, K] after the
+        states whose final hidden states are `hidden` [B, H] (the candidate head)."""
+        B, K = cand_ids.shape
+        embeds = self.model.model.embed_tokens(cand_ids.reshape(-1)).view(B, K, -1)
+        self.stats["candidates_scored"] += B * K
+        return self.candidate_head(hidden, embeds)
 
     @torch.no_grad()
     def star(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta) -> torch.Tensor:
@@ -184,6 +213,7 @@ class LenVMWorker:
             self.star_backend.meta = None
         self.stats["star_forwards"] += 1
         self.stats["star_rows"] += B
+        self.stats["star_tokens"] += B * T
         self.stats["candidates_scored"] += B * (T - int(meta.has_root))
         return hidden
 

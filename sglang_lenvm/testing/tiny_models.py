@@ -222,6 +222,51 @@ def random_value_head(hidden: int, seed: int = 1, scale: float = 0.3) -> dict[st
     }
 
 
+def random_candidate_head(hidden: int, seed: int = 2, scale: float = 0.3) -> dict:
+    """A random one-pass candidate head (value_head.CandidateHead, c_head.* names)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "c_head.state.weight": torch.randn(hidden, hidden, generator=g) * scale,
+        "c_head.state.bias": torch.randn(hidden, generator=g) * scale,
+        "c_head.token.weight": torch.randn(hidden, hidden, generator=g) * scale,
+        "c_head.summary.weight": torch.randn(1, hidden, generator=g) * scale,
+        "c_head.summary.bias": torch.randn(1, generator=g) * scale,
+    }
+
+
+def oracle_candidate_head(oracle_dir: str | os.PathLike) -> dict:
+    """The candidate head that scores exactly what the oracle LenVM's star tree scores: the
+    oracle's value after s + x depends on x alone, its final hidden state sqrt(H) one-hot(x)
+    is sqrt(H) times x's (one-hot) embedding, so token = sqrt(H) I, state = 0, and the
+    oracle's own summary."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(Path(oracle_dir) / "model.safetensors"))
+    summary_w, summary_b = w["v_head.summary.weight"], w["v_head.summary.bias"]
+    hidden = summary_w.shape[1]
+    return {
+        "c_head.state.weight": torch.zeros(hidden, hidden),
+        "c_head.state.bias": torch.zeros(hidden),
+        "c_head.token.weight": torch.eye(hidden) * hidden ** 0.5,
+        "c_head.summary.weight": summary_w.clone(),
+        "c_head.summary.bias": summary_b.clone(),
+    }
+
+
+def with_candidate_head(src: str | os.PathLike, out_dir: str | os.PathLike,
+                        head: dict) -> Path:
+    """A copy of the LenVM checkpoint `src` with `head` as its candidate_head.safetensors."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    shutil.copytree(src, out_dir)
+    save_file({k: v.contiguous() for k, v in head.items()},
+              str(out_dir / "candidate_head.safetensors"))
+    return out_dir
+
+
 def build_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
                 head_placement: str = "file", arch: str = "qwen2",
                 head: Optional[dict[str, torch.Tensor]] = None, gamma: Optional[float] = None,
