@@ -14,6 +14,12 @@ the 99th-percentile training length.
 
 Output: the published layout (backbone + value_head.safetensors, `lenvm_gamma` in config.json,
 tokenizer files copied from the base) and `training_summary.json` with per-epoch metrics.
+
+A second step, optional: `--candidate-head` distils the one-pass candidate head of a trained
+LenVM from its star-tree values (training/candidate_head.py; served with
+`--lenvm-scoring one-pass`):
+
+    python -m sglang_lenvm.train --candidate-head --lenvm my-lenvm --base BASE --data samples.jsonl
 """
 
 from __future__ import annotations
@@ -125,6 +131,11 @@ def save_trained_part(model: LenVMForTraining, path: str, dtype: torch.dtype, me
 
 
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--candidate-head" in argv:
+        from sglang_lenvm.training import candidate_head
+
+        return candidate_head.main([a for a in argv if a != "--candidate-head"])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
