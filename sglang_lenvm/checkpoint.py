@@ -187,3 +187,63 @@ def check_same_tokenizer(base_path: str, lenvm_path: str) -> None:
             f"({len(base['vocab'])} vs {len(lenvm['vocab'])} tokens, {only_base} token ids differ); "
             f"a LenVM must be trained on the base model's tokenizer"
         )
+
+
+def _tensor_files(path: str) -> dict:
+    """tensor name -> safetensors file of a checkpoint directory (value/candidate heads
+    excluded)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        if file.name in (HEAD_FILE, CANDIDATE_HEAD_FILE):
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for k in f.keys():
+                out[k] = file
+    return out
+
+
+def shared_trunk_layers(base_path: str, lenvm_path: str) -> int:
+    """How many leading decoder layers the LenVM shares with the base model, bit for bit
+    (a LenVM trained with --train-last-layers N from its base shares all but the last N):
+    the LenVM then reads the base model's residual stream at that layer instead of computing
+    those layers again. 0 unless the architectures and configs agree and the embeddings are
+    equal."""
+    import torch
+    from safetensors import safe_open
+
+    def config(p):
+        cfg = json.loads((Path(p) / "config.json").read_text())
+        return {k: cfg.get(k) for k in ("architectures", "hidden_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads",
+                                        "intermediate_size", "rope_theta", "rms_norm_eps",
+                                        "head_dim", "vocab_size")}
+
+    if not (Path(base_path) / "config.json").is_file() or config(base_path) != config(lenvm_path):
+        return 0
+    base, lenvm = _tensor_files(base_path), _tensor_files(lenvm_path)
+
+    def same(names) -> bool:
+        for name in names:
+            if name not in base or name not in lenvm:
+                return False
+            with safe_open(str(base[name]), framework="pt") as f:
+                a = f.get_tensor(name)
+            with safe_open(str(lenvm[name]), framework="pt") as f:
+                b = f.get_tensor(name)
+            if a.shape != b.shape or not torch.equal(a.to(b.dtype), b):
+                return False
+        return True
+
+    if not same(["model.embed_tokens.weight"]):
+        return 0
+    n_layers = int(config(lenvm_path)["num_hidden_layers"])
+    shared = 0
+    for i in range(n_layers - 1):  # the last layer is never shared: the LenVM must run one
+        prefix = f"model.layers.{i}."
+        names = [k for k in lenvm if k.startswith(prefix)]
+        if not names or not same(names):
+            break
+        shared += 1
+    return shared

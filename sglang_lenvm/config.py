@@ -73,6 +73,10 @@ class LenVMConfig:
     at_least_end_pull: float = DEFAULT_AT_LEAST_END_PULL
     # see SCORINGS
     scoring: str = DEFAULT_SCORING
+    # One-pass scoring only: the LenVM's leading decoder layers that are the base model's own,
+    # bit for bit (checkpoint.shared_trunk_layers, found at launch); the LenVM then starts from
+    # the base model's residual stream there. 0: none (or --lenvm-shared-trunk off).
+    trunk_layers: int = 0
 
     def __post_init__(self):
         if self.gamma is not None and not (0.0 < self.gamma < 1.0 and math.isfinite(self.gamma)):
@@ -90,6 +94,8 @@ class LenVMConfig:
         if not (0.0 <= self.at_least_end_pull < math.inf):
             raise ValueError(f"--lenvm-at-least-end-pull must be a finite number >= 0, "
                              f"got {self.at_least_end_pull}")
+        if self.trunk_layers < 0:
+            raise ValueError(f"trunk_layers must be >= 0, got {self.trunk_layers}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"--lenvm-scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if not self.equal_softness >= 0.0:

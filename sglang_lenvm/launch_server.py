@@ -9,6 +9,7 @@ On a machine without a GPU it adds CPU defaults (--device cpu, float32, a bounde
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,11 @@ def _our_parser() -> argparse.ArgumentParser:
                         "state only, with the checkpoint's candidate head "
                         "(candidate_head.safetensors); 'auto': one-pass when the checkpoint "
                         "has that head")
+    g.add_argument("--lenvm-shared-trunk", choices=("auto", "off"), default="auto",
+                   help="with one-pass scoring: when the LenVM's leading layers are the base "
+                        "model's own (a LenVM trained with --train-last-layers), run only the "
+                        "rest, from the base model's residual stream (auto), or run them all "
+                        "(off)")
     g.add_argument("--lenvm-max-n", type=int, default=DEFAULT_MAX_N, metavar="N",
                    help="most samples (n, best_of) one request may ask for, on every route, "
                         "guided or not: SGLang runs n samples at once, so an unbounded n lets "
@@ -146,6 +152,7 @@ def cpu_defaults(argv: List[str]) -> List[str]:
 
 
 def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[float] = None,
+                shared_trunk: str = "auto", base_model_path: Optional[str] = None,
                 **settings) -> LenVMConfig:
     """Validate a LenVM checkpoint (and its tokenizer against the base's) into a config;
     `settings` are LenVMConfig fields."""
@@ -153,6 +160,7 @@ def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[fl
         check_same_tokenizer,
         inspect_checkpoint,
         load_candidate_head_tensors,
+        shared_trunk_layers,
     )
 
     ckpt = inspect_checkpoint(lenvm_path)
@@ -161,8 +169,13 @@ def make_config(lenvm_path: str, base_path: Optional[str], *, gamma: Optional[fl
     config = LenVMConfig(lenvm_path=os.path.abspath(lenvm_path),
                          gamma=resolve_gamma(gamma, ckpt.gamma), **settings)
     # A missing or misshapen candidate head is refused here, before anything loads.
-    config.resolved_scoring(load_candidate_head_tensors(lenvm_path, ckpt.hidden_size)
-                            is not None)
+    scoring = config.resolved_scoring(load_candidate_head_tensors(lenvm_path, ckpt.hidden_size)
+                                      is not None)
+    base_model_path = base_model_path or base_path
+    if scoring == "one-pass" and shared_trunk == "auto" and base_model_path is not None:
+        trunk = shared_trunk_layers(base_model_path, lenvm_path)
+        if trunk:
+            config = dataclasses.replace(config, trunk_layers=trunk)
     return config
 
 
@@ -185,7 +198,9 @@ def prepare(argv: List[str]):
                              plausibility=ours.lenvm_plausibility,
                              equal_softness=ours.lenvm_equal_softness,
                              at_least_end_pull=ours.lenvm_at_least_end_pull,
-                             scoring=ours.lenvm_scoring)
+                             scoring=ours.lenvm_scoring,
+                             shared_trunk=ours.lenvm_shared_trunk,
+                             base_model_path=_flag_value(rest, "--model-path"))
         config.to_env()
     else:
         os.environ.pop("SGLANG_LENVM_CONFIG", None)

@@ -32,6 +32,8 @@ def models(tmp_path_factory):
     tm.with_candidate_head(root / "lenvm", root / "lenvm_1p", tm.random_candidate_head(64))
     tm.with_candidate_head(root / "oracle", root / "oracle_1p",
                            tm.oracle_candidate_head(root / "oracle"))
+    # A LenVM sharing its first layer with cbase (a shared trunk), with a candidate head.
+    tm.build_trunk_lenvm(root / "trunk", root / "cbase")
     return root
 
 
@@ -67,7 +69,7 @@ def oracle_server(models, tmp_path_factory):
 # (against real servers on the tiny models), `-m slow` (everything else that takes time:
 # building models, training, Triton interpreter children, the Engine, the demo pair).
 SERVER_FIXTURES = {"server", "oracle_server", "fault_server", "one_pass_server",
-                   "oracle_one_pass_server"}
+                   "oracle_one_pass_server", "trunk_server"}
 SLOW_FIXTURES = {"models"}
 SLOW_MODULES = {"test_engine", "test_demo", "test_train_e2e", "test_train", "test_startup",
                 "test_kernel_bench_smoke", "test_kernel_compile", "test_generate_data"}

@@ -95,3 +95,60 @@ def test_one_pass_needs_a_candidate_head(models):
         make_config(str(models / "lenvm"), None, scoring="one-pass")
     assert make_config(str(models / "lenvm"), None, scoring="auto").resolved_scoring(False) \
         == "star"
+
+
+# ---- shared trunk: a LenVM whose first layer is the base model's own ----
+
+@pytest.fixture(scope="module")
+def trunk_server(models, tmp_path_factory):
+    s = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "trunk"),
+                "--lenvm-scoring", "one-pass", "--chunked-prefill-size", "16"],
+               tmp_path_factory.mktemp("logs") / "trunk.log")
+    yield s
+    s.stop()
+
+
+def test_shared_trunk_layers_are_found(models):
+    from sglang_lenvm.checkpoint import shared_trunk_layers
+
+    assert shared_trunk_layers(str(models / "cbase"), str(models / "trunk")) == 1
+    assert shared_trunk_layers(str(models / "base"), str(models / "lenvm")) == 0
+    assert shared_trunk_layers(str(models / "cbase"), str(models / "oracle")) == 0
+
+
+@pytest.mark.parametrize("mode,target", [("equal", 12), ("at_least", 20)])
+def test_shared_trunk_values_match_transformers(trunk_server, models, mode, target):
+    """The LenVM runs only its own layer, from the base model's residual stream: its state
+    values (a long prompt: chunked prefill, then decode roots) and its chosen candidates'
+    values equal a transformers forward of the whole LenVM checkpoint; it keeps KV for its own
+    layer only."""
+    tok = AutoTokenizer.from_pretrained(str(models / "cbase"))
+    text = "thequickbrownfoxjumpsoverthelazydog" * 2
+    out = gen(trunk_server, text, max_new_tokens=24, temperature=1.0, length_target=target,
+              length_mode=mode, return_length_values=True)
+    prompt, ids = tok.encode(text), out["output_ids"]
+    meta = out["meta_info"]
+    ref = trace_reference(models / "trunk", prompt, ids)
+    assert (torch.tensor(meta["lenvm_p"], dtype=torch.float64) - ref).abs().max() < 1e-4
+    for t, c in enumerate(meta["lenvm_p_chosen"]):
+        if c is not None and ids[t] != EOS:
+            want = candidate_p(models / "trunk", prompt + ids[:t], [ids[t]])[0].item()
+            assert c == pytest.approx(want, abs=1e-4), t
+    s = stats(trunk_server)
+    assert s["trunk_layers"] == 1 and s["scoring"] == "one-pass"
+    wait_idle(trunk_server)
+
+
+def test_shared_trunk_unguided_and_values_only_rows(trunk_server, models):
+    """A values-only request (no steering: roots only, from the trunk) beside an unguided
+    one in the same batches; the unguided one gets exactly its tokens without a LenVM."""
+    tok = AutoTokenizer.from_pretrained(str(models / "cbase"))
+    plain = gen(trunk_server, "abcdef", max_new_tokens=16, temperature=0)
+    outs = gen_many(trunk_server, 3, "abcdef", max_new_tokens=16, temperature=0,
+                    return_length_values=True)
+    for out in outs:
+        assert out["output_ids"] == plain["output_ids"]
+        ref = trace_reference(models / "trunk", tok.encode("abcdef"), out["output_ids"])
+        got = torch.tensor(out["meta_info"]["lenvm_p"], dtype=torch.float64)
+        assert (got - ref).abs().max() < 1e-4
+    wait_idle(trunk_server)

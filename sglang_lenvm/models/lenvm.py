@@ -53,8 +53,11 @@ class _LengthValueModel(nn.Module):
         self.model = self.backbone_cls(config, quant_config=None, prefix=add_prefix("model", prefix))
         self.v_head = ValueHead(config.hidden_size)
 
-    def hidden_states(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
-        out = self.model(input_ids, positions, forward_batch)
+    def hidden_states(self, input_ids, positions, forward_batch: ForwardBatch,
+                      input_embeds=None) -> torch.Tensor:
+        """Final-norm hidden states; `input_embeds` replaces the token embeddings (with a
+        shared trunk: the base model's residual stream at the backbone's start_layer)."""
+        out = self.model(input_ids, positions, forward_batch, input_embeds=input_embeds)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()

@@ -10,6 +10,9 @@ SamplingBatchInfo
 ForwardBatch (one step)
   lenvm_last_z   tensor [bs]: raw LenVM value at each prefill row's last prompt token
   lenvm_last_h   tensor [bs, H]: the LenVM's hidden state there (one-pass scoring only)
+  lenvm_trunk    tensor [tokens, H]: the base model's residual stream entering layer `trunk`
+                 (shared trunk only; hooks._capture_trunk); captured on the forward's
+                 SamplingBatchInfo (as `lenvm_trunk` too), moved here after the forward
   lenvm_output   outputs.LenVMDeviceOutput: values to report for this step
 ModelRunner (the base model's)
   _lenvm_forward_batch  the ForwardBatch being sampled (set around ModelRunner.sample)

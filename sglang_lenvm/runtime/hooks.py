@@ -4,7 +4,8 @@ Scheduler start-up (scheduler process):
   maybe_init_draft_worker  -> check the set-up, build the LenVM runner (weights before KV sizing)
   DefaultPoolConfigurator  -> charge the LenVM's KV bytes per token to SGLang's KV budget
   init_memory_pools        -> share slot table + allocator, allocate the LenVM KV pool
-  init_all_attention_backends -> the LenVM's attention backends
+  init_all_attention_backends -> the LenVM's attention backends; with a shared trunk, the
+                              capture on the base model's decoder-layer class (its forward)
 Per request:
   Scheduler._create_generation_req (AFTER) -> admission: validate, namespace, budget
 Per batch (lifecycle of the per-request length state, like penaltylib):
@@ -155,6 +156,42 @@ def _attach_pools(_result, sched) -> None:
 
 def _init_attention(_result, sched) -> None:
     _worker.init_attention()
+    if _worker.trunk:
+        _install_trunk_capture(type(_worker.trunk_layer))
+
+
+def _install_trunk_capture(layer_cls) -> None:
+    """The shared trunk's capture, on the base model's decoder-layer class (known only once
+    the base model is built): registered and applied here, in the scheduler process."""
+    target = f"{layer_cls.__module__}.{layer_cls.__qualname__}.forward"
+    entry = (target, _capture_trunk, HookType.AROUND)
+    if entry not in _installed:
+        HookRegistry.register(*entry)
+        _installed.append(entry)
+        HookRegistry.apply_hooks()
+    verify_installed()
+
+
+def _capture_trunk(orig, layer, positions, hidden_states, forward_batch, *args, **kwargs):
+    """At the base model's layer `trunk`, on batches with LenVM rows: keep the residual
+    stream entering it (SGLang's own capture callback, as EAGLE-3 uses it), which becomes
+    forward_batch.lenvm_trunk [tokens, H]. Every other layer call passes straight through."""
+    if _worker is None or layer is not _worker.trunk_layer:
+        return orig(layer, positions, hidden_states, forward_batch, *args, **kwargs)
+    state = getattr(getattr(forward_batch, "sampling_info", None), "lenvm_state", None)
+    if state is None or not state.any_active:
+        return orig(layer, positions, hidden_states, forward_batch, *args, **kwargs)
+    theirs = kwargs.get("capture_output")
+
+    def capture(value, owned=False):
+        # On the step's sampling info: the model sees a copy of the runner's ForwardBatch,
+        # and both share it. _after_forward moves it to the runner's ForwardBatch.
+        forward_batch.sampling_info.lenvm_trunk = value if owned else value.clone()
+        if theirs is not None:
+            theirs(value, owned=owned)
+
+    kwargs["capture_output"] = capture
+    return orig(layer, positions, hidden_states, forward_batch, *args, **kwargs)
 
 
 def _internal_state(result, sched, *args, **kwargs):
@@ -247,7 +284,11 @@ def _is_target(runner) -> bool:
 def _after_forward(result, runner, forward_batch, *args, **kwargs):
     if not _is_target(runner):
         return result
-    state = getattr(forward_batch.sampling_info, "lenvm_state", None)
+    info = forward_batch.sampling_info
+    trunk = getattr(info, "lenvm_trunk", None)
+    if trunk is not None:
+        forward_batch.lenvm_trunk, info.lenvm_trunk = trunk, None
+    state = getattr(info, "lenvm_state", None)
     mode = forward_batch.forward_mode
     if state is not None and state.any_active and mode.is_extend() and not mode.is_decode():
         from sglang_lenvm.runtime import faults

@@ -147,15 +147,19 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         )
         tokens, positions = torch.cat(parts, 1), torch.cat(pos, 1)
         faults.inject("star", rids)
+        # A shared trunk (one-pass only, so the trees here are roots only): the roots enter
+        # at the LenVM's first own layer with the base model's stream for these rows.
+        trunk = worker._trunk_input(forward_batch)
+        embeds = trunk[index] if trunk is not None else None
         if one_pass:
-            hidden = worker.star_hidden(tokens, positions, meta)  # [B, H]: roots only
+            hidden = worker.star_hidden(tokens, positions, meta, embeds)  # [B, H]: roots only
             p_all = torch.sigmoid(worker.model.v_head(hidden)).view(B, 1)
         elif K:
             decision = _values_and_decision(worker, tokens, positions, meta, cand, st, generated,
                                             must_stop, rids)
             p_all = decision.p_all
         else:
-            p_all = torch.sigmoid(worker.star(tokens, positions, meta))
+            p_all = torch.sigmoid(worker.star(tokens, positions, meta, embeds))
         p_state = p_all[:, 0] if R else torch.sigmoid(forward_batch.lenvm_last_z[index])
     if one_pass:
         decision = _one_pass_decision(worker, hidden, p_state, cand, st, generated, must_stop,

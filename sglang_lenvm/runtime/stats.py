@@ -25,6 +25,7 @@ def worker_stats(worker, scheduler) -> dict:
         "gamma": worker.gamma,
         "default_top_k": worker.config.top_k,
         "scoring": worker.scoring,  # "star" or "one-pass" (--lenvm-scoring)
+        "trunk_layers": worker.trunk,  # leading layers shared with the base model (one-pass)
         "equal_distance": worker.config.equal_distance,
         # JSON has no infinity: null means `equal` is never stopped past its target.
         "equal_max_overshoot": (worker.config.equal_max_overshoot

@@ -88,6 +88,16 @@ class LenVMWorker:
         self.scoring = config.resolved_scoring(self.candidate_head is not None)
         if self.scoring == "star":
             self.candidate_head = None
+        # Shared trunk (one-pass only): the LenVM's layers below `trunk` are the base model's
+        # own, so the LenVM starts at layer `trunk` from the base model's residual stream at
+        # that layer's input (captured by hooks._capture_trunk as forward_batch.lenvm_trunk),
+        # and keeps KV for its own layers only. Star trees would need the shared layers for
+        # their candidates, so the trunk is used with one-pass scoring alone.
+        self.trunk = config.trunk_layers if self.scoring == "one-pass" else 0
+        self.trunk_layer = None  # the base model's decoder layer whose input is captured
+        if self.trunk:
+            self.model.model.start_layer = self.trunk
+            self.trunk_layer = target.model.model.layers[self.trunk]
         logger.info("LenVM %s loaded in %.2fs (gamma=%s)", config.lenvm_path,
                     time.perf_counter() - tic, self.gamma)
 
@@ -107,7 +117,11 @@ class LenVMWorker:
     def kv_bytes_per_token(self) -> int:
         mc = self.model_config
         itemsize = torch.empty((), dtype=self.runner.kv_cache_dtype).element_size()
-        return 2 * mc.num_hidden_layers * self.kv_heads() * mc.head_dim * itemsize
+        return 2 * self.kv_layers() * self.kv_heads() * mc.head_dim * itemsize
+
+    def kv_layers(self) -> int:
+        """Decoder layers the LenVM keeps KV for: all but the shared trunk."""
+        return self.model_config.num_hidden_layers - self.trunk
 
     def kv_heads(self) -> int:
         """KV heads on this rank: the LenVM is sharded over the base model's TP group."""
@@ -133,11 +147,11 @@ class LenVMWorker:
             dtype=r.kv_cache_dtype,
             head_num=self.kv_heads(),
             head_dim=mc.head_dim,
-            layer_num=mc.num_hidden_layers,
+            layer_num=self.kv_layers(),
             device=self.device,
             enable_memory_saver=False,
-            start_layer=0,
-            end_layer=mc.num_hidden_layers,
+            start_layer=self.trunk,
+            end_layer=mc.num_hidden_layers - 1,
         )
         r._init_post_memory_pool_components()
         logger.info("LenVM KV pool: %d tokens, %.1f MB", t.max_total_num_tokens,
@@ -165,7 +179,8 @@ class LenVMWorker:
         backend = self.runner.attn_backend
         with forward_context(ForwardContext(attn_backend=backend), forward_batch=fb):
             backend.init_forward_metadata(fb)
-            hidden = self.model.hidden_states(fb.input_ids, fb.positions, fb)
+            hidden = self.model.hidden_states(fb.input_ids, fb.positions, fb,
+                                              input_embeds=self._trunk_input(fb))
         last = torch.cumsum(fb.extend_seq_lens, 0) - 1
         self.stats["mirror_extend_forwards"] += 1
         self.stats["mirror_extend_tokens"] += int(fb.input_ids.shape[0])
@@ -180,16 +195,30 @@ class LenVMWorker:
         self.stats["candidates_scored"] += B * K
         return self.candidate_head(hidden, embeds)
 
-    @torch.no_grad()
-    def star(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta) -> torch.Tensor:
-        """One LenVM forward over B star trees of T tokens each: raw values z [B, T]."""
-        B, T = tokens.shape
-        return self.model.v_head(self.star_hidden(tokens, positions, meta)).view(B, T)
+    def _trunk_input(self, fb) -> Optional[torch.Tensor]:
+        """With a shared trunk: the base model's residual stream at the LenVM's first own
+        layer, for the batch's tokens (captured during the base forward)."""
+        if not self.trunk:
+            return None
+        stream = getattr(fb, "lenvm_trunk", None)
+        if stream is None:
+            raise RuntimeError("the base model's residual stream was not captured this step")
+        return stream
 
     @torch.no_grad()
-    def star_hidden(self, tokens: torch.Tensor, positions: torch.Tensor,
-                    meta: StarMeta) -> torch.Tensor:
-        """The backbone part of `star`: final-norm hidden states [B * T, H]."""
+    def star(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta,
+             input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One LenVM forward over B star trees of T tokens each: raw values z [B, T]."""
+        B, T = tokens.shape
+        return self.model.v_head(self.star_hidden(tokens, positions, meta,
+                                                  input_embeds)).view(B, T)
+
+    @torch.no_grad()
+    def star_hidden(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta,
+                    input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The backbone part of `star`: final-norm hidden states [B * T, H]. `input_embeds`
+        [B * T, H]: the trunk's stream instead of token embeddings (shared trunk, roots
+        only)."""
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
@@ -208,7 +237,8 @@ class LenVMWorker:
         self.star_backend.meta = meta
         try:
             with forward_context(ForwardContext(attn_backend=self.star_backend)):
-                hidden = self.model.hidden_states(flat, fb.positions, fb)
+                hidden = self.model.hidden_states(flat, fb.positions, fb,
+                                                  input_embeds=input_embeds)
         finally:
             self.star_backend.meta = None
         self.stats["star_forwards"] += 1
@@ -225,7 +255,7 @@ _PER_ROW = ("req_pool_indices", "seq_lens", "orig_seq_lens", "extend_prefix_lens
             "rids", "lora_ids", "mm_inputs", "top_logprobs_nums", "token_ids_logprobs",
             "encoder_lens_cpu", "encoder_cached", "multi_item_delimiter_indices",
             "token_indices_to_pool")
-_PER_TOKEN = ("input_ids", "positions", "out_cache_loc", "input_embeds")
+_PER_TOKEN = ("input_ids", "positions", "out_cache_loc", "input_embeds", "lenvm_trunk")
 
 
 def extend_rows(fb, rows: Optional[List[int]], translator=None):

@@ -267,6 +267,36 @@ def with_candidate_head(src: str | os.PathLike, out_dir: str | os.PathLike,
     return out_dir
 
 
+def build_trunk_lenvm(out_dir: str | os.PathLike, base_dir: str | os.PathLike, *,
+                      own_layers: int = 1, seed: int = 7) -> Path:
+    """A LenVM that shares its leading layers with `base_dir` bit for bit, as one trained with
+    `--train-last-layers own_layers` does: the base checkpoint with its last `own_layers`
+    decoder layers and final norm redrawn, a random value head and a random candidate head."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    shutil.copytree(base_dir, out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    n, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+    shard = out_dir / "model.safetensors"
+    w = load_file(str(shard))
+    g = torch.Generator().manual_seed(seed)
+    own = tuple(f"model.layers.{i}." for i in range(n - own_layers, n))
+    for name in list(w):
+        if name.startswith(own) and w[name].dim() >= 2:
+            w[name] = torch.randn(w[name].shape, generator=g) * 0.2
+        elif name == "model.norm.weight" or (name.startswith(own) and w[name].dim() == 1):
+            w[name] = 1.0 + 0.1 * torch.randn(w[name].shape, generator=g)
+    w = {k: v for k, v in w.items() if not k.startswith("lm_head.")}
+    save_file({k: v.contiguous() for k, v in w.items()}, str(shard), metadata={"format": "pt"})
+    save_file(random_value_head(hidden, seed=seed), str(out_dir / "value_head.safetensors"))
+    save_file(random_candidate_head(hidden, seed=seed + 1),
+              str(out_dir / "candidate_head.safetensors"))
+    return out_dir
+
+
 def build_lenvm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
                 head_placement: str = "file", arch: str = "qwen2",
                 head: Optional[dict[str, torch.Tensor]] = None, gamma: Optional[float] = None,
