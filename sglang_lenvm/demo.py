@@ -34,6 +34,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS_DIR = Path(__file__).parent / "demo_assets"
 ASSET_WEIGHTS = "lenvm_trained.safetensors"
 ASSET_META = "lenvm_trained.json"  # written by `train --save-trained-part`, + record()
+# Optional: the one-pass candidate head (train --candidate-head), copied beside the value head.
+ASSET_CANDIDATE_HEAD = "candidate_head.safetensors"
 BASE_NAME = "smollm2-135m-instruct-f32"
 MARKER = ".complete"
 # Bumped when the layout of what we write changes, so stale caches are rebuilt.
@@ -201,6 +203,8 @@ def rebuild_lenvm(out_dir: Path, base_dir: Path, assets_dir: Path = ASSETS_DIR) 
     save_backbone_and_head(out_dir, base, head, config_src=base_dir, gamma=meta["gamma"],
                            extra_config={"lenvm_demo": {k: meta[k] for k in
                                                         ("trained_tensors_sha256",)}})
+    if (assets_dir / ASSET_CANDIDATE_HEAD).is_file():
+        shutil.copyfile(assets_dir / ASSET_CANDIDATE_HEAD, out_dir / ASSET_CANDIDATE_HEAD)
 
 
 def materialize_lenvm(base_dir: Path, cache_dir: Optional[str] = None) -> Path:
@@ -208,6 +212,9 @@ def materialize_lenvm(base_dir: Path, cache_dir: Optional[str] = None) -> Path:
     meta = asset_meta()
     final = root / f"smollm2-135m-lenvm-demo-{meta['trained_tensors_sha256'][:12]}"
     stamp = {"layout": LAYOUT_VERSION, "assets": meta["trained_tensors_sha256"]}
+    head = ASSETS_DIR / ASSET_CANDIDATE_HEAD
+    if head.is_file():  # a new candidate head rebuilds the cached LenVM
+        stamp["candidate_head"] = file_sha256(head)
     if _is_complete(final, stamp):
         return final
     with _locked(root):

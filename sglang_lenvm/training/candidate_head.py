@@ -146,10 +146,10 @@ def evaluate(p_pred: torch.Tensor, data: Distilled, gamma: float) -> dict:
 
 
 def fit(cand_head, embed: torch.Tensor, train: Distilled, *, epochs: int, lr: float,
-        batch: int, seed: int) -> List[float]:
+        batch: int, seed: int, weight_decay: float = 0.0) -> List[float]:
     """MSE in p over valid candidates; returns the mean training loss per epoch."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(cand_head.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(cand_head.parameters(), lr=lr, weight_decay=weight_decay)
     losses = []
     for _ in range(epochs):
         order = torch.randperm(train.ids.shape[0], generator=g)
@@ -191,8 +191,13 @@ def parse_args(argv=None):
                    help="cut completions: their text is as good for distillation as any")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=256, help="states per step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-cache", default=None,
+                   help="a .pt file: the teacher's values are read from it if it exists, else "
+                        "computed and saved there (refitting the head then skips the LenVM "
+                        "forwards, the slow part)")
     return p.parse_args(argv)
 
 
@@ -225,14 +230,24 @@ def main(argv=None) -> dict:
                                    tokenizer.convert_tokens_to_ids("<|im_end|>"))
                        if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id})
 
-    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     backbone, value_head = load_teacher(args.lenvm)
-    kw = dict(top_k=args.top_k, positions=args.positions)
-    train = distil_examples(train_ex, base, backbone, value_head, stop_ids, seed=args.seed, **kw)
-    val = distil_examples(val_ex, base, backbone, value_head, stop_ids, seed=args.seed + 1,
-                          **kw)
+    cache = Path(args.teacher_cache) if args.teacher_cache else None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache)
+        train, val = Distilled(**saved["train"]), Distilled(**saved["val"])
+        logger.info("teacher values from %s", cache)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+        kw = dict(top_k=args.top_k, positions=args.positions)
+        train = distil_examples(train_ex, base, backbone, value_head, stop_ids, seed=args.seed,
+                                **kw)
+        val = distil_examples(val_ex, base, backbone, value_head, stop_ids, seed=args.seed + 1,
+                              **kw)
+        del base
+        if cache is not None:
+            torch.save({"train": dataclasses.asdict(train), "val": dataclasses.asdict(val)},
+                       cache)
     t_teacher = time.time() - t_start
-    del base
     embed = backbone.embed_tokens.weight.detach().float()
 
     cand_head = CandidateHead(backbone.config.hidden_size)
@@ -240,7 +255,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         start_metrics = evaluate(_predict(cand_head, embed, val), val, gamma)
     losses = fit(cand_head, embed, train, epochs=args.epochs, lr=args.lr,
-                 batch=args.batch_size, seed=args.seed)
+                 batch=args.batch_size, seed=args.seed, weight_decay=args.weight_decay)
     with torch.no_grad():
         metrics = evaluate(_predict(cand_head, embed, val), val, gamma)
         train_metrics = evaluate(_predict(cand_head, embed, train), train, gamma)
@@ -254,7 +269,8 @@ def main(argv=None) -> dict:
         "lenvm": args.lenvm, "base": args.base, "gamma": gamma, "stop_ids": stop_ids,
         "top_k": args.top_k, "positions_per_completion": args.positions,
         "train_completions": len(train_ex), "val_completions": len(val_ex),
-        "epochs": args.epochs, "lr": args.lr, "train_loss": losses,
+        "epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+        "train_loss": losses,
         "held_out": metrics, "held_out_at_start": start_metrics, "train": train_metrics,
         "teacher_seconds": round(t_teacher, 1),
         "seconds": round(time.time() - t_start, 1),
