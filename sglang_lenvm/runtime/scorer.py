@@ -149,7 +149,7 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         faults.inject("star", rids)
         # A shared trunk (one-pass only, so the trees here are roots only): the roots enter
         # at the LenVM's first own layer with the base model's stream for these rows.
-        trunk = worker._trunk_input(forward_batch)
+        trunk = worker.trunk_input(forward_batch)
         embeds = trunk[index] if trunk is not None else None
         if one_pass:
             hidden = worker.star_hidden(tokens, positions, meta, embeds)  # [B, H]: roots only

@@ -180,7 +180,7 @@ class LenVMWorker:
         with forward_context(ForwardContext(attn_backend=backend), forward_batch=fb):
             backend.init_forward_metadata(fb)
             hidden = self.model.hidden_states(fb.input_ids, fb.positions, fb,
-                                              input_embeds=self._trunk_input(fb))
+                                              input_embeds=self.trunk_input(fb))
         last = torch.cumsum(fb.extend_seq_lens, 0) - 1
         self.stats["mirror_extend_forwards"] += 1
         self.stats["mirror_extend_tokens"] += int(fb.input_ids.shape[0])
@@ -195,7 +195,7 @@ class LenVMWorker:
         self.stats["candidates_scored"] += B * K
         return self.candidate_head(hidden, embeds)
 
-    def _trunk_input(self, fb) -> Optional[torch.Tensor]:
+    def trunk_input(self, fb) -> Optional[torch.Tensor]:
         """With a shared trunk: the base model's residual stream at the LenVM's first own
         layer, for the batch's tokens (captured during the base forward)."""
         if not self.trunk:
