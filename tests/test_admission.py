@@ -167,3 +167,20 @@ def test_admission_never_raises_on_any_private_form(raw):
         assert req.aborted is not None and req.aborted[1] == 400
     else:
         assert req.aborted is None or "max_new_tokens" in req.aborted[0]
+
+
+def test_scoring_settings():
+    """--lenvm-scoring: a name from SCORINGS; one-pass needs the checkpoint's candidate head;
+    auto takes it when there is one."""
+    from sglang_lenvm.config import LenVMConfig
+
+    with pytest.raises(ValueError, match="--lenvm-scoring must be one of"):
+        LenVMConfig(lenvm_path="/x", scoring="fast")
+    with pytest.raises(ValueError, match="needs candidate_head.safetensors"):
+        LenVMConfig(lenvm_path="/x", scoring="one-pass").resolved_scoring(False)
+    assert LenVMConfig(lenvm_path="/x", scoring="one-pass").resolved_scoring(True) == "one-pass"
+    assert LenVMConfig(lenvm_path="/x", scoring="auto").resolved_scoring(True) == "one-pass"
+    assert LenVMConfig(lenvm_path="/x", scoring="auto").resolved_scoring(False) == "star"
+    assert LenVMConfig(lenvm_path="/x").resolved_scoring(True) == "star"
+    with pytest.raises(ValueError, match="trunk_layers"):
+        LenVMConfig(lenvm_path="/x", trunk_layers=-1)
