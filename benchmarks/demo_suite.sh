@@ -3,7 +3,7 @@
 # + its demo LenVM) on a CPU machine, at a modest size. Results go to benchmarks/results/.
 #   benchmarks/demo_suite.sh            # everything (about 1.5 hours on 2 CPU cores)
 #   benchmarks/demo_suite.sh latency    # one part: latency overhead following prediction
-#                                       # tradeoff tokens soak
+#                                       # tradeoff tokens soak frontier onepass
 # Timing runs (latency, overhead, soak) start their own servers and need a machine with no other load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +44,21 @@ for part in $parts; do
                 $F --lifebench "${LIFEBENCH:?set LIFEBENCH to data_lite_no_summary.jsonl}" \
                   --limit 6 --targets 16 64 128 --modes equal --rules 0:inf 0.1:16 \
                   --out $R/decision_frontier_lifebench_equal.json ;;
+    onepass)    O="--server-arg=--lenvm-scoring --server-arg=one-pass"
+                $P -m benchmarks.latency --demo $O --no-plain --max-total-tokens 32768 \
+                  --concurrency 1 8 32 --ks 5 15 --tokens 64 --rounds 1 --max-position 0 \
+                  --out $R/latency_one_pass.json
+                $P -m benchmarks.latency --demo $O --server-arg=--lenvm-shared-trunk \
+                  --server-arg=off --no-plain --max-total-tokens 32768 --concurrency 8 --ks 15 \
+                  --tokens 64 --rounds 1 --max-position 0 --out $R/latency_one_pass_no_trunk.json
+                $P -m benchmarks.latency --demo --no-plain --max-total-tokens 32768 \
+                  --concurrency 8 --ks 5 15 --tokens 64 --rounds 1 --max-position 0 \
+                  --out $R/latency_star_same_day.json
+                $P -m benchmarks.length_following --demo $O --limit 6 --targets 32 64 128 \
+                  --runs lenvm --max-total-tokens 32768 --out $R/length_following_one_pass.json
+                $P -m benchmarks.length_following --demo --limit 6 --targets 32 64 128 \
+                  --runs lenvm --max-total-tokens 32768 \
+                  --out $R/length_following_star_same_set.json ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done

@@ -5,7 +5,8 @@
 #   3. serve the base model with plain SGLang and sample completions from it
 #      (held-out prompts x 24, training prompts x 6; temperature 1, top_p 1, max_tokens 512)
 #   4. train the last 2 layers + final norm + value head on the frozen lower 28 layers
-#   5. ship the trained part (bf16 layers, fp32 head) and record the rebuild check value
+#   5. ship the trained part (bf16 layers, fp32 head) and record the rebuild check value,
+#      then distil the one-pass candidate head from it
 #   6. serve the demo pair with our server and measure held-out MRE and `equal` guidance
 #
 # Usage: launch/train_demo.sh [WORK_DIR]   (default /tmp/sglang-lenvm-demo)
@@ -59,6 +60,12 @@ $PY -m sglang_lenvm.train --base "$BASE" --data "$WORK/train.jsonl" \
   --save-trained-part sglang_lenvm/demo_assets/lenvm_trained.safetensors \
   --trained-part-dtype bf16 2>&1 | tee "$WORK/train.log"
 $PY -m sglang_lenvm.demo --record
+# The one-pass candidate head, distilled from the LenVM's own star-tree values (the shipped one
+# used one completion per prompt, max 256 tokens: docs/training.md, "The candidate head").
+$PY -m sglang_lenvm.train --candidate-head --lenvm "$WORK/lenvm" --base "$BASE" \
+  --data "$WORK/train.jsonl" --val-data "$WORK/heldout.jsonl" --output "$WORK/lenvm" \
+  --truncated censored --top-k 15 --positions 24 --max-sequences 150 --epochs 40
+cp "$WORK/lenvm/candidate_head.safetensors" sglang_lenvm/demo_assets/
 
 # --- 6. measure the shipped pair, served by our server ------------------------------------
 PAIR=$($PY -m sglang_lenvm.demo)

@@ -39,6 +39,13 @@ def test_materialized_dirs_are_loadable(pair):
     assert ckpt.head_source == "value_head.safetensors"
     check_same_tokenizer(str(base), str(lenvm))
     assert (base / "chat_template.jinja").read_bytes() == (lenvm / "chat_template.jinja").read_bytes()
+    # the one-pass candidate head ships with the demo, and the demo's trunk is the base's
+    from sglang_lenvm.checkpoint import load_candidate_head_tensors, shared_trunk_layers
+
+    shipped = demo.ASSETS_DIR / demo.ASSET_CANDIDATE_HEAD
+    assert (lenvm / demo.ASSET_CANDIDATE_HEAD).read_bytes() == shipped.read_bytes()
+    assert load_candidate_head_tensors(str(lenvm), ckpt.hidden_size) is not None
+    assert shared_trunk_layers(str(base), str(lenvm)) == 28
 
 
 @pytest.mark.timeout(900)
