@@ -298,3 +298,39 @@ def test_tensor_parallel_aborts_and_disconnects_free_every_rank(tp_server):
     out = _post(tp_server.url, "/generate", {"text": "hi", "sampling_params": {
         "max_new_tokens": 20, "length_target": 5, "length_mode": "at_most"}})
     assert out["meta_info"]["completion_tokens"] <= 5
+
+
+def test_tensor_parallel_one_pass_with_a_shared_trunk(models, tmp_path_factory):
+    """One-pass scoring and the shared trunk at tp 2: the state values and the chosen
+    candidates' values of a transformers forward of the whole checkpoint, ranks in step."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from reference import candidate_p, trace_reference
+
+    tok = AutoTokenizer.from_pretrained(str(models / "cbase"))
+    srv = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "trunk"),
+                  "--lenvm-scoring", "one-pass", "--tp-size", "2"],
+                 tmp_path_factory.mktemp("logs") / "tp_trunk.log")
+    try:
+        text = "thequickbrownfoxjumps"
+        out = _post(srv.url, "/generate", {"text": text, "sampling_params": {
+            "max_new_tokens": 16, "temperature": 1.0, "length_target": 12,
+            "length_mode": "at_least", "return_length_values": True}})
+        ids, meta = out["output_ids"], out["meta_info"]
+        prompt = tok.encode(text)
+        ref = trace_reference(models / "trunk", prompt, ids)
+        assert (torch.tensor(meta["lenvm_p"], dtype=torch.float64) - ref).abs().max() < 1e-4
+        from test_server_guidance import EOS  # a stop token's value is 0 by definition
+
+        chosen = [(t, c) for t, c in enumerate(meta["lenvm_p_chosen"])
+                  if c is not None and ids[t] != EOS]
+        assert len(chosen) >= 11
+        for t, c in chosen:
+            want = candidate_p(models / "trunk", prompt + ids[:t], [ids[t]])[0].item()
+            assert c == pytest.approx(want, abs=1e-4), t
+        s = _ranks_in_step(srv)
+        assert s["trunk_layers"] == 1 and s["tp_size"] == 2
+        wait_idle(srv)
+    finally:
+        srv.stop()
