@@ -34,8 +34,9 @@ SCRIPT = textwrap.dedent('''
                 results[name] = None
             except RequestError as e:
                 results[name] = e.param
-        results["after"] = engine.generate("x", {"max_new_tokens": 3})["meta_info"][
-            "completion_tokens"]
+        # ignore_eos: a sampled EOS would end it early (the tiny model's EOS is likely)
+        results["after"] = engine.generate("x", {"max_new_tokens": 3, "ignore_eos": True})[
+            "meta_info"]["completion_tokens"]
     finally:
         engine.shutdown()
     print("RESULTS " + json.dumps(results))
