@@ -183,10 +183,17 @@ def _capture_trunk(orig, layer, positions, hidden_states, forward_batch, *args, 
         return orig(layer, positions, hidden_states, forward_batch, *args, **kwargs)
     theirs = kwargs.get("capture_output")
 
-    def capture(value, owned=False):
+    def keep(value, owned):
         # On the step's sampling info: the model sees a copy of the runner's ForwardBatch,
         # and both share it. _after_forward moves it to the runner's ForwardBatch.
         forward_batch.sampling_info.lenvm_trunk = value if owned else value.clone()
+
+    def capture(value, owned=False):
+        from sglang_lenvm.runtime import faults
+
+        # Inside the base model's forward: a failure here must not reach it. Without the
+        # stream, the LenVM rows' mirror fails and they are quarantined (faults.isolated).
+        faults.guarded("trunk", lambda: keep(value, owned))
         if theirs is not None:
             theirs(value, owned=owned)
 
@@ -201,7 +208,7 @@ def _internal_state(result, sched, *args, **kwargs):
 
         stats = faults.guarded("stats", lambda: worker_stats(_worker, sched))
         # Every TP rank runs this for the same control request: rank 0 reports them all.
-        every = _worker.tp.gather_stats(stats)
+        every = faults.guarded("stats", lambda: _worker.tp.gather_stats(stats), default=[stats])
         if stats is not None:
             stats["tp_ranks"] = [tp_rank_summary(s) for s in every]
         result.internal_state["lenvm"] = stats
@@ -310,17 +317,22 @@ def _around_sample(orig, runner, logits_output, forward_batch, *args, **kwargs):
         runner._lenvm_forward_batch = None
     state = getattr(forward_batch.sampling_info, "lenvm_state", None)
     steered = state is not None and state.any_active
+    from sglang_lenvm.runtime import faults
+
+    # Tensor parallelism only (no-ops at tp 1): every rank, same tokens and same quarantines.
+    # A failed collective costs the step's LenVM requests their guidance, not the scheduler.
     if steered and out is not None:
-        _worker.tp.agree_on_tokens(out)  # tensor parallelism only: every rank, same tokens
+        faults.guarded("tensor_parallel", lambda: _worker.tp.agree_on_tokens(out),
+                       _reqs_of(forward_batch))
     outputs = getattr(forward_batch, "lenvm_output", None)
     if outputs:
-        from sglang_lenvm.runtime import faults
         from sglang_lenvm.runtime.outputs import attach
 
         faults.guarded("outputs", lambda: attach(logits_output, outputs, out),
                        _reqs_of(forward_batch))
     if steered:
-        _worker.tp.agree_on_faults(state.reqs)
+        faults.guarded("tensor_parallel", lambda: _worker.tp.agree_on_faults(state.reqs),
+                       _reqs_of(forward_batch))
     return out
 
 
