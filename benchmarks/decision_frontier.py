@@ -4,15 +4,16 @@
     python -m benchmarks.decision_frontier --tiny --limit 2 --targets 8 --rules 0:inf 0.2:2
     python -m benchmarks.decision_frontier --base-url URL   # one point: the server's own rule
 
-A rule is `ALPHA:LAMBDA[:MU]`: the server's --lenvm-plausibility ALPHA, --lenvm-equal-softness
-LAMBDA (`inf`: the deterministic closest candidate) and --lenvm-at-least-end-pull MU (default
-0). For each rule a server is started with it
+A rule is `ALPHA:LAMBDA[:MU[:NU]]`: the server's --lenvm-plausibility ALPHA,
+--lenvm-equal-softness LAMBDA (`inf`: the deterministic closest candidate),
+--lenvm-at-least-end-pull MU (default 0) and --lenvm-at-most-softness NU (default inf: the hard
+rule). For each rule a server is started with it
 (one at a time: a 2-core machine cannot time two) and `benchmarks.length_following` runs its
 `lenvm` requests; the prompt-only `baseline` runs once, on the first server (it does not
 involve the LenVM). Everything else (prompts, targets, sampling, metrics) is exactly
 length_following's: LIFEBench's length score, and beside it the base model's NLL per generated
-token, the share of repetitive outputs and the share of tokens outside the base model's top 3
-(benchmarks/quality.py). The plot shows, per mode, length score against NLL for every rule,
+token, the share of repetitive, degenerate and abruptly ended outputs and the share of tokens
+outside the base model's top 3 (benchmarks/quality.py). The plot shows, per mode, length score against NLL for every rule,
 the baseline, and the bar of issue 14's goal (baseline NLL + 0.2).
 """
 
@@ -26,19 +27,39 @@ from pathlib import Path
 from benchmarks import length_following, parallel, prompts, quality, reporting, servers
 
 
-def parse_rule(text: str) -> tuple[float, float, float]:
+def parse_rule(text: str) -> tuple[float, float, float, float]:
     try:
         parts = [float(x) for x in text.split(":")]
-        if len(parts) not in (2, 3):
+        if len(parts) not in (2, 3, 4):
             raise ValueError
-        return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
+        defaults = [0.0, math.inf]  # MU, NU
+        return tuple(parts + defaults[len(parts) - 2:])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a rule is ALPHA:LAMBDA[:MU], got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"a rule is ALPHA:LAMBDA[:MU[:NU]], got {text!r}") from None
 
 
-def rule_name(alpha: float, lam: float, mu: float = 0.0) -> str:
-    name = f"a={alpha:g} l={'inf' if math.isinf(lam) else f'{lam:g}'}"
-    return name + (f" mu={mu:g}" if mu else "")
+def _g(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+def rule_name(alpha: float, lam: float, mu: float = 0.0, nu: float = math.inf) -> str:
+    name = f"a={alpha:g} l={_g(lam)}"
+    return name + (f" mu={mu:g}" if mu else "") + ("" if math.isinf(nu) else f" nu={nu:g}")
+
+
+def _inf(x) -> float:
+    """JSON's null for an infinite knob, back to inf."""
+    return math.inf if x is None else x
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
+
+
+def name_of(rule: dict) -> str:
+    return rule_name(rule["alpha"], _inf(rule["lambda"]), rule.get("mu", 0.0),
+                     _inf(rule.get("nu")))
 
 
 def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
@@ -47,29 +68,26 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
     if rule is not None:
         sub.server_arg = [*args.server_arg, "--lenvm-plausibility", str(rule[0]),
                           "--lenvm-equal-softness", str(rule[1]),
-                          "--lenvm-at-least-end-pull", str(rule[2])]
+                          "--lenvm-at-least-end-pull", str(rule[2]),
+                          "--lenvm-at-most-softness", str(rule[3])]
     sub.runs = ["baseline", "lenvm"] if with_baseline else ["lenvm"]
     with servers.lenvm_server(sub, ap) as srv:
         url = srv["url"]
         server = servers.server_info(url)
         lenvm = server.get("lenvm") or {}
         alpha = lenvm.get("plausibility", 0.0)
-        lam = lenvm.get("equal_softness")
-        lam = math.inf if lam is None else lam
+        lam = _inf(lenvm.get("equal_softness"))
         mu = lenvm.get("at_least_end_pull", 0.0)
+        nu = _inf(lenvm.get("at_most_softness"))  # the server's own value, read back
         reqs = length_following.make_requests(rows, wording, sub, servers.model_name(url))
         errors = []
         records = parallel.parallel_map(lambda q: length_following.run_one(url, q), reqs,
-                                        args.concurrency, rule_name(alpha, lam, mu), errors)
+                                        args.concurrency, rule_name(alpha, lam, mu, nu), errors)
     records = [r for r in records if r is not None]
-    return {"alpha": alpha, "lambda": lam if math.isfinite(lam) else None, "mu": mu,
+    return {"alpha": alpha, "lambda": _finite(lam), "mu": mu, "nu": _finite(nu),
             "server": server,
             "summary": length_following.summarize(records, sub), "records": records,
             "errors": errors}
-
-
-def _lam(rule: dict) -> float:
-    return math.inf if rule["lambda"] is None else rule["lambda"]
 
 
 def plot(result: dict, path) -> None:
@@ -83,7 +101,7 @@ def plot(result: dict, path) -> None:
             if avg["ls"] is None or avg["nll"] is None:
                 continue
             ax.plot(avg["nll"], avg["ls"], "o")
-            ax.annotate(rule_name(rule["alpha"], _lam(rule), rule.get("mu", 0.0)),
+            ax.annotate(name_of(rule),
                         (avg["nll"], avg["ls"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         b = base.get(mode) or {}
@@ -108,18 +126,20 @@ def report(result: dict) -> str:
         rows.append(["prompt only", mode, b.get("ls"), b.get("nll"), None, b.get("nll_head"),
                      None, length_following.pct(b.get("repetition")),
                      length_following.pct(b.get("degenerate")),
+                     length_following.pct(b.get("abrupt")),
                      length_following.pct(b.get("off_top3"))])
         for rule in result["rules"]:
             a = rule["summary"]["averages"]["lenvm"][mode]
-            rows.append([rule_name(rule["alpha"], _lam(rule), rule.get("mu", 0.0)), mode, a["ls"],
+            rows.append([name_of(rule), mode, a["ls"],
                          a["nll"], quality.gap(a["nll"], b.get("nll")), a.get("nll_head"),
                          quality.gap(a.get("nll_head"), b.get("nll_head")),
                          length_following.pct(a["repetition"]),
                          length_following.pct(a.get("degenerate")),
+                         length_following.pct(a.get("abrupt")),
                          length_following.pct(a["off_top3"])])
     out.append(reporting.md_table(["rule", "mode", "LS avg", "NLL/token", "NLL gap",
                                    "NLL first N", "gap first N", "repetitive", "degenerate",
-                                   "off top-3"], rows))
+                                   "abrupt end", "off top-3"], rows))
     return "\n".join(out)
 
 
@@ -144,8 +164,8 @@ def _earlier(args, fresh: dict) -> dict:
 def main(argv=None) -> dict:
     ap = servers.parser(__doc__)
     ap.add_argument("--rules", type=parse_rule, nargs="+",
-                    help="ALPHA:LAMBDA[:MU] rules (plausibility floor : equal softness : "
-                         "at_least end pull); one server each (not with --base-url, which "
+                    help="ALPHA:LAMBDA[:MU[:NU]] rules (plausibility floor : equal softness : "
+                         "at_least end pull : at_most softness); one server each (not with --base-url, which "
                          "measures the server's own rule)")
     ap.add_argument("--lifebench", help="LIFEBench JSONL instead of our prompt set")
     ap.add_argument("--prompts", default=str(prompts.DATA / "length_prompts.jsonl"))

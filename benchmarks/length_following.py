@@ -34,7 +34,8 @@ outputs with L <= 1 are dropped (counted in `dropped`).
 
 Text quality beside every length score (benchmarks/quality.py): the base model's mean NLL per
 generated token (scored by the same server over prompt + output), the share of outputs with a
-3-word phrase repeated 3+ times, and the share of tokens outside the base model's top 3; per
+3-word phrase repeated 3+ times, the share of outputs ended abruptly (a stop token the base
+model gave < 1%), and the share of tokens outside the base model's top 3; per
 (run, mode) over all kept outputs, and the NLL gap of each run to the prompt-only baseline.
 """
 
@@ -115,7 +116,8 @@ def run_one(url: str, req: dict) -> dict:
         "length": length, "finish_reason": choice["finish_reason"], "ld": ld,
         "ls": length_score(req["mode"], ld), "predicted_length": lc.get("predicted_length"),
         "text": text, **quality.measure(url, choice["prompt_token_ids"],
-                                        choice["response_token_ids"], text)}
+                                        choice["response_token_ids"], text,
+                                        choice["finish_reason"])}
 
 
 def cell(records: list[dict]) -> dict:
@@ -221,13 +223,14 @@ def report(result: dict) -> str:
             rows.append([run, mode] + [per_t[str(t)]["ls"] for t in st["targets"]] +
                         [avg["ls"], pct(avg["deviation"]) if mode == "equal" else None,
                          avg["nll"], avg["nll_head"], pct(avg["repetition"]),
-                         pct(avg.get("degenerate")), pct(avg["off_top3"]),
+                         pct(avg.get("degenerate")), pct(avg.get("abrupt")),
+                         pct(avg["off_top3"]),
                          sum(c["dropped"] for c in per_t.values()),
                          sum(c["truncated"] for c in per_t.values())])
     out.append(reporting.md_table(["run", "mode"] + [f"LS@{t}" for t in st["targets"]] +
                                   ["LS avg", "deviation (equal)", "NLL/token",
                                    "NLL, first N tokens", "repetitive", "degenerate",
-                                   "off top-3",
+                                   "abrupt end", "off top-3",
                                    "dropped (L<=1)", "cut"], rows))
     if s["ls_improvement"]:
         out += ["", "LS improvement (lenvm - baseline): " + ", ".join(

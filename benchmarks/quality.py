@@ -13,8 +13,13 @@ For one output (token ids of prompt and completion, and its text):
 - `degenerate`: whether the text has fallen into a loop: fewer than half of its 4-unit phrases
   are distinct ("made made made made ..."). `repetitive` also flags natural text that reuses
   a phrase ("the number of chickens" three times in a word problem); `degenerate` does not.
+- `abrupt`: whether the output was ended by a stop token that the base model gave under 1%
+  at that position (its NLL > ln 100): an end forced mid-sentence (e.g. `at_most`'s stop token
+  at the last token of the budget), not one the model would have written. Only for outputs
+  that end with a stop token (finish_reason "stop"; our benchmarks send no stop strings).
 Summaries average `nll` over tokens within an output, then over outputs (every output counts
-once); `repetition` is the share of repetitive outputs, `off_top3` the share of tokens.
+once); `repetition` is the share of repetitive outputs, `off_top3` the share of tokens,
+`abrupt` the share of outputs that end abruptly.
 `nll_head` is the same NLL over each output's first `target` tokens only: outputs that ramble
 on into loops (a small model's prompt-only baseline runs to max_tokens often) have a low NLL
 because loops are likely text, so the head compares texts of the length that was asked for.
@@ -23,6 +28,7 @@ Records keep `nll_tokens` (per token, 3 decimals) for any other cut.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from typing import Iterable, Optional
@@ -76,9 +82,18 @@ def score_tokens(url: str, prompt_ids: list[int], output_ids: list[int]) -> dict
             "scored_tokens": len(nll), "nll_tokens": [round(x, 3) for x in nll]}
 
 
-def measure(url: str, prompt_ids: list[int], output_ids: list[int], text: str) -> dict:
-    return {**score_tokens(url, prompt_ids, output_ids), "repetitive": repetitive(text),
-            "degenerate": degenerate(text)}
+ABRUPT_NLL = math.log(100.0)  # the stop token had under 1% under the base model
+
+
+def abrupt(nll_tokens: Optional[list], finish_reason: Optional[str]) -> bool:
+    return finish_reason == "stop" and bool(nll_tokens) and nll_tokens[-1] > ABRUPT_NLL
+
+
+def measure(url: str, prompt_ids: list[int], output_ids: list[int], text: str,
+            finish_reason: Optional[str] = None) -> dict:
+    scored = score_tokens(url, prompt_ids, output_ids)
+    return {**scored, "repetitive": repetitive(text), "degenerate": degenerate(text),
+            "abrupt": abrupt(scored.get("nll_tokens"), finish_reason)}
 
 
 def head_nll(record: dict) -> Optional[float]:
@@ -94,6 +109,10 @@ def summarize(records: Iterable[dict]) -> dict:
             "nll_head": metrics.mean(h for h in map(head_nll, recs) if h is not None),
             "repetition": metrics.mean(float(r["repetitive"]) for r in recs),
             "degenerate": metrics.mean(float(r["degenerate"]) for r in recs),
+            # (records written before `abrupt` existed: recomputed from their nll_tokens)
+            "abrupt": metrics.mean(float(r["abrupt"] if "abrupt" in r else
+                                         abrupt(r.get("nll_tokens"), r.get("finish_reason")))
+                                   for r in recs),
             "off_top3": (sum(r["off_top3"] * r["scored_tokens"] for r in recs) / tokens
                          if tokens else None)}
 

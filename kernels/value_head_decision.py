@@ -20,7 +20,7 @@ fast) leaves partial z sums in different programs, and Triton has no grid-wide b
    head is float32 on purpose (p near 1 is where ln(1-p)/ln(gamma) is most sensitive).
 2. `_decision_kernel`, grid (B,): sums the partials + summary bias, sigmoid, stop tokens -> 0,
    NaN -> 0 (with a per-row `cand_ok` flag as the scorer keeps), remaining length, the
-   plausibility floor, the equal (hard or soft) / at_most / at_least rules with decide()'s
+   plausibility floor, the equal and at_most (hard or soft) / at_least rules with decide()'s
    +-1/2 rounding tolerance, beta tilting, the forced stop past equal's overshoot limit and
    greedy argmax, writing q over the candidate slots.
 
@@ -89,11 +89,12 @@ def _decision_kernel(
     ZPART, SUMMARY_BIAS, IDS, BASE, VALID, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
     MUST_STOP, P_ALL, P_CAND, Q, CAND_OK,
     n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness, end_pull,
+    at_most_softness,
     stride_zp, stride_ids, stride_base, stride_valid, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr, EQUAL_RATIO: tl.constexpr, SOFT_EQUAL: tl.constexpr,
-    HAS_MUST_STOP: tl.constexpr,
+    SOFT_AT_MOST: tl.constexpr, HAS_MUST_STOP: tl.constexpr,
     EQUAL: tl.constexpr, AT_MOST: tl.constexpr, AT_LEAST: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -173,6 +174,13 @@ def _decision_kernel(
     if SOFT_EQUAL:
         soft = tl.where(plausible, log_base - softness * dist, float("-inf"))
         logq = tl.where(mode == EQUAL, soft, logq)
+    if SOFT_AT_MOST:  # at_most with budget left: exp(-softness * overshoot in ratio) (decide())
+        over = tl.maximum(tl.log(1.0 + length) - tl.log(1.0 + r), 0.0)
+        soft_m = tl.where(plausible, log_base + tl.load(BETA + b) * p - at_most_softness * over,
+                          float("-inf"))
+        open_budget = (mode == AT_MOST) & (r >= 0.5)
+        logq = tl.where(open_budget, soft_m, logq)
+        deterministic = deterministic & ~open_budget
     # at_least past its target: a soft pull toward ending (decide())
     past = (mode == AT_LEAST) & (tl.load(GENERATED + b) + 1 >= tl.load(TARGET + b)) & (end_pull > 0)
     pull = log_base + tl.load(BETA + b) * p - end_pull * tl.log(1.0 + length)
@@ -240,7 +248,8 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
                                generated, beta, greedy, gamma: float,
                                mode_codes: Tuple[int, int, int], equal_ratio: bool,
                                plausibility: float = 0.0, equal_softness: float = math.inf,
-                               at_least_end_pull: float = 0.0, must_stop=None) -> DecisionTensors:
+                               at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
+                               must_stop=None) -> DecisionTensors:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
@@ -268,17 +277,19 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
                                  generated, beta.float(), greedy))
     must = must_stop.contiguous() if must_stop is not None else greedy  # unread without it
     soft = not math.isinf(equal_softness)
+    soft_at_most = not math.isinf(at_most_softness)
     _decision_kernel[(B,)](
         zpart, summary_bias.reshape(-1).float(), ids, base_prob, valid, stop_ids, mode, target,
         generated, beta, greedy, must, p_all, p_cand, q, cand_ok,
         zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma), float(plausibility),
         float(equal_softness) if soft else 0.0, float(at_least_end_pull),
+        float(at_most_softness) if soft_at_most else 0.0,
         zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),
         ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
         BLOCK_K=max(2, triton.next_power_of_2(K)),
         BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])),
-        EQUAL_RATIO=bool(equal_ratio), SOFT_EQUAL=soft,
+        EQUAL_RATIO=bool(equal_ratio), SOFT_EQUAL=soft, SOFT_AT_MOST=soft_at_most,
         HAS_MUST_STOP=must_stop is not None, EQUAL=equal, AT_MOST=at_most, AT_LEAST=at_least,
         num_warps=1,
     )

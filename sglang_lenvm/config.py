@@ -32,6 +32,9 @@ DEFAULT_PLAUSIBILITY = 0.1
 DEFAULT_EQUAL_SOFTNESS = 16.0
 # at_least past its target: q(x) ~ p(x) (1 + l(x))^-pull, a pull toward ending; 0: none.
 DEFAULT_AT_LEAST_END_PULL = 1.0
+# at_most while budget is left: q(x) ~ p(x) exp(-softness * d+(x)), d+ how far x's predicted
+# length runs past the budget (in ratio); inf: only candidates that fit (the hard rule).
+DEFAULT_AT_MOST_SOFTNESS = math.inf
 # Most samples (`n`, `best_of`) one request may ask for, on every route (the HTTP front door's
 # guard, with or without a LenVM): SGLang expands n into n requests at once, so one body with
 # n = 10**6 would occupy the server for hours. OpenAI's API has the same bound.
@@ -71,6 +74,8 @@ class LenVMConfig:
     equal_softness: float = DEFAULT_EQUAL_SOFTNESS
     # at_least: the pull toward ending once the target is reached (0: none)
     at_least_end_pull: float = DEFAULT_AT_LEAST_END_PULL
+    # at_most: lambda of the soft rule (inf: only candidates predicted to fit)
+    at_most_softness: float = DEFAULT_AT_MOST_SOFTNESS
     # see SCORINGS
     scoring: str = DEFAULT_SCORING
     # One-pass scoring only: the LenVM's leading decoder layers that are the base model's own,
@@ -101,6 +106,16 @@ class LenVMConfig:
         if not self.equal_softness >= 0.0:
             raise ValueError(f"--lenvm-equal-softness must be >= 0 (inf: the closest candidate), "
                              f"got {self.equal_softness}")
+        if not self.at_most_softness >= 0.0:
+            raise ValueError(f"--lenvm-at-most-softness must be >= 0 (inf: only candidates "
+                             f"that fit), got {self.at_most_softness}")
+
+    def decision_rule(self) -> dict:
+        """The decision rule's knobs, as keyword arguments of decision.decide (and the fused
+        kernel): one place that says which settings the rule reads."""
+        return dict(equal_distance=self.equal_distance, plausibility=self.plausibility,
+                    equal_softness=self.equal_softness, at_least_end_pull=self.at_least_end_pull,
+                    at_most_softness=self.at_most_softness)
 
     def resolved_scoring(self, has_candidate_head: bool) -> str:
         """"star" or "one-pass" for a checkpoint with or without a candidate head."""

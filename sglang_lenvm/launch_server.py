@@ -20,6 +20,7 @@ from typing import List, Optional
 from sglang_lenvm.config import (
     DEFAULT_MAX_N,
     DEFAULT_AT_LEAST_END_PULL,
+    DEFAULT_AT_MOST_SOFTNESS,
     DEFAULT_EQUAL_DISTANCE,
     DEFAULT_EQUAL_MAX_OVERSHOOT,
     DEFAULT_EQUAL_SOFTNESS,
@@ -67,6 +68,13 @@ def _our_parser() -> argparse.ArgumentParser:
                    metavar="MU",
                    help="once a length_mode=at_least output has its target, q(x) ~ p(x) "
                         "(1 + l(x))^-MU: a pull toward ending (0: none)")
+    g.add_argument("--lenvm-at-most-softness", type=float, default=DEFAULT_AT_MOST_SOFTNESS,
+                   metavar="LAMBDA",
+                   help="while a length_mode=at_most output has budget left, q(x) ~ p(x) "
+                        "exp(-LAMBDA d(x)), d(x) = max(0, ln(1+l(x)) - ln(1+r)) how far x's "
+                        "predicted length runs past the budget ('inf': only candidates "
+                        "predicted to fit, else the shortest); the last token is always a stop "
+                        "token")
     g.add_argument("--lenvm-equal-max-overshoot", type=float, default=DEFAULT_EQUAL_MAX_OVERSHOOT,
                    metavar="F",
                    help="once a length_mode=equal output is F x its target past the target, "
@@ -198,6 +206,7 @@ def prepare(argv: List[str]):
                              plausibility=ours.lenvm_plausibility,
                              equal_softness=ours.lenvm_equal_softness,
                              at_least_end_pull=ours.lenvm_at_least_end_pull,
+                             at_most_softness=ours.lenvm_at_most_softness,
                              scoring=ours.lenvm_scoring,
                              shared_trunk=ours.lenvm_shared_trunk,
                              base_model_path=_flag_value(rest, "--model-path"))

@@ -9,6 +9,7 @@ The tiny models are random, so the numbers themselves mean nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -239,6 +240,34 @@ def test_repetition_units_and_rule():
     assert not quality.degenerate("made made made")  # too short to call
 
 
+def test_abrupt_end_is_a_stop_token_the_base_model_did_not_expect():
+    assert quality.abrupt([1.0, 2.0, 5.0], "stop")  # 5 nats > ln 100: under 1%
+    assert not quality.abrupt([1.0, 9.0, 4.0], "stop")  # only the final (stop) token counts
+    assert not quality.abrupt([1.0, 2.0, 9.0], "length")  # cut by max_tokens: no stop token
+    assert not quality.abrupt([], "stop")
+    summary = quality.summarize([
+        {"nll": 1.0, "scored_tokens": 2, "off_top3": 0.0, "repetitive": False,
+         "degenerate": False, "nll_tokens": [1.0, 9.0], "target": 2, "finish_reason": "stop"},
+        {"nll": 1.0, "scored_tokens": 2, "off_top3": 0.0, "repetitive": False,
+         "degenerate": False, "abrupt": False, "nll_tokens": [1.0, 1.0], "target": 2}])
+    assert summary["abrupt"] == 0.5  # the first recomputed from its tokens (an older record)
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("0.1:16", (0.1, 16.0, 0.0, math.inf)),
+    ("0.1:inf:1", (0.1, math.inf, 1.0, math.inf)),
+    ("0:16:1:2", (0.0, 16.0, 1.0, 2.0)),
+])
+def test_frontier_rule_spec(text, rule):
+    assert decision_frontier.parse_rule(text) == rule
+
+
+@pytest.mark.parametrize("text", ["0.1", "0.1:2:3:4:5", "a:b"])
+def test_frontier_rule_spec_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="ALPHA:LAMBDA"):
+        decision_frontier.parse_rule(text)
+
+
 def test_decision_frontier_smoke(server, tmp_path):
     out = tmp_path / "df.json"
     decision_frontier.main(["--base-url", server.url, "--limit", "2", "--targets", "4",
@@ -248,6 +277,7 @@ def test_decision_frontier_smoke(server, tmp_path):
     (rule,) = data["rules"]
     lenvm = rule["server"]["lenvm"]  # the server's own rule, as it reports it
     assert rule["alpha"] == lenvm["plausibility"] and rule["lambda"] == lenvm["equal_softness"]
+    assert rule["nu"] == lenvm["at_most_softness"]
     for mode in ("equal", "at_least"):
         avg = rule["summary"]["averages"]["lenvm"][mode]
         assert 0 <= avg["ls"] <= 100 and finite(avg["nll"])

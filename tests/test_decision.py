@@ -278,3 +278,37 @@ def test_at_least_pulls_toward_ending_past_its_target():
     assert torch.allclose(after[0], want / want.sum(), atol=1e-4)
     free = decide(c, p, generated=torch.tensor([9]), **{**kw, "at_least_end_pull": 0.0})
     assert torch.allclose(free[0], torch.tensor([0.6, 0.3, 0.1]), atol=1e-6)
+
+
+def test_soft_at_most_weighs_base_probability_by_how_far_past_the_budget():
+    """While budget is left, q(x) ~ base(x) exp(-lam max(0, ln(1 + l) - ln(1 + r))) over the
+    plausible candidates: what fits keeps its base weight, the stop token (l = 0) too; at the
+    last token (r = 0) the hard rule holds: only the stop token."""
+    c = cand([[0.5, 0.3, 0.15, 0.05]])
+    is_stop = torch.tensor([[False, False, False, True]])
+    lengths = [[40, 3, 9, 0]]
+    p = p_of(lengths)
+    lam = 1.5
+    kw = dict(mode=torch.tensor([MODE_AT_MOST]), target=torch.tensor([10]), beta=torch.zeros(1),
+              greedy=torch.tensor([False]), gamma=G, is_stop=is_stop, at_most_softness=lam)
+    q = decide(c, p, generated=torch.tensor([5]), **kw)  # r = 4
+    r = 4
+    over = torch.tensor([max(0.0, math.log1p(n) - math.log1p(r)) for n in lengths[0]])
+    want = torch.tensor([0.5, 0.3, 0.15, 0.05]) * torch.exp(-lam * over)
+    assert torch.allclose(q[0], want / want.sum(), atol=1e-5)
+    assert over[1] == 0 and over[3] == 0  # l = 3 fits r = 4; the stop token always fits
+    last = decide(c, p, generated=torch.tensor([9]), **kw)  # r = 0: only the stop token
+    assert last.tolist() == [[0, 0, 0, 1]]
+    # the plausibility floor still holds; beta tilts inside the soft rule
+    floored = decide(c, p, generated=torch.tensor([5]), plausibility=0.7, **kw)
+    assert floored[0, 1].item() == 0 and floored[0, 2].item() == 0 and floored[0, 3] > 0
+    tilted = decide(c, p, generated=torch.tensor([5]), **{**kw, "beta": torch.tensor([-2.0])})
+    want_t = want * torch.exp(-2.0 * p[0])
+    assert torch.allclose(tilted[0], want_t / want_t.sum(), atol=1e-5)
+    # lam = inf is the hard rule exactly
+    hard = decide(c, p, generated=torch.tensor([5]), **{**kw, "at_most_softness": math.inf})
+    assert torch.allclose(hard, decide(c, p, generated=torch.tensor([5]),
+                                       **{k: v for k, v in kw.items()
+                                          if k != "at_most_softness"}))
+    greedy = decide(c, p, generated=torch.tensor([5]), **{**kw, "greedy": torch.tensor([True])})
+    assert greedy.tolist() == [torch.nn.functional.one_hot(want.argmax(), 4).tolist()]

@@ -219,12 +219,13 @@ def test_at_most_keeps_going_when_only_stop_fits():
 
 
 @needs_device
-@pytest.mark.parametrize("plausibility,softness,pull", [(0.3, math.inf, 0.0), (0.0, 2.0, 0.5),
-                                                        (0.2, 8.0, 2.0)])
-def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull):
-    """The quality-aware knobs: the plausibility floor in every mode, the soft equal rule,
-    equal rows that must stop (past the overshoot limit) taking their most likely stop slot,
-    and at_least's pull toward ending past its target (row 7)."""
+@pytest.mark.parametrize("plausibility,softness,pull,at_most_softness",
+                         [(0.3, math.inf, 0.0, math.inf), (0.0, 2.0, 0.5, 1.0),
+                          (0.2, 8.0, 2.0, 4.0)])
+def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, at_most_softness):
+    """The quality-aware knobs: the plausibility floor in every mode, the soft equal and
+    at_most rules, equal rows that must stop (past the overshoot limit) taking their most likely
+    stop slot, and at_least's pull toward ending past its target (row 7)."""
     torch.manual_seed(4)
     B, K, H = 8, 6, 48
     head = _head(H, 5)
@@ -244,7 +245,7 @@ def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull):
     kw = dict(ids=ids, base_prob=base, valid=valid, stop_ids=stop, has_root=True, mode=mode,
               target=target, generated=generated, beta=beta, greedy=greedy, gamma=GAMMA,
               plausibility=plausibility, equal_softness=softness, at_least_end_pull=pull,
-              must_stop=must)
+              at_most_softness=at_most_softness, must_stop=must)
     got, want = _run_both(hidden, head, **kw)
     _compare(got, want)
     q = want.q
@@ -256,3 +257,6 @@ def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull):
     if not math.isinf(softness):
         assert ((q[0] > 0) & (q[0] < 1)).any()  # soft equal samples
         assert q[1].max() == 1  # greedy soft equal is deterministic
+    if not math.isinf(at_most_softness) and (~floor[3]).sum() >= 2:
+        # soft at_most samples among its plausible candidates (row 3, r = 9)
+        assert ((q[3] > 0) & (q[3] < 1)).sum() >= 2

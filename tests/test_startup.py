@@ -64,6 +64,8 @@ def test_bad_flags_are_refused(models, capsys):
     ("--lenvm-plausibility", "1.5", "--lenvm-plausibility must be in [0, 1]"),
     ("--lenvm-plausibility", "nan", "--lenvm-plausibility must be in [0, 1]"),
     ("--lenvm-equal-softness", "-1", "--lenvm-equal-softness must be >= 0"),
+    ("--lenvm-at-most-softness", "nan", "--lenvm-at-most-softness must be >= 0"),
+    ("--lenvm-at-most-softness", "-0.5", "--lenvm-at-most-softness must be >= 0"),
     ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
     ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")])
 def test_bad_rule_flags_are_refused(models, flag, value, message):

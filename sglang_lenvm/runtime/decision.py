@@ -87,6 +87,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
            gamma: float, is_stop: Optional[torch.Tensor] = None,
            equal_distance: str = DEFAULT_EQUAL_DISTANCE, plausibility: float = 0.0,
            equal_softness: float = math.inf, at_least_end_pull: float = 0.0,
+           at_most_softness: float = math.inf,
            must_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
@@ -98,7 +99,11 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
                 default) one-hot on the closest x (ties: higher base probability);
       at_most:  base restricted to l(x) <= r (none: one-hot argmin l); while budget is left
                 (r >= 1) and only stop tokens fit, the shortest non-stop candidate is
-                admissible too (is_stop [B, K] marks the stop slots);
+                admissible too (is_stop [B, K] marks the stop slots). With a finite
+                at_most_softness, while budget is left: base(x) * exp(-at_most_softness *
+                d+(x)) over the plausible candidates, d+(x) = max(0, ln(1 + l(x)) - ln(1 + r))
+                how far x's predicted length runs past the budget in ratio (what fits keeps
+                its base weight; the last token keeps the hard rule: only a stop token fits);
       at_least: base restricted to l(x) >= r (none: one-hot argmax l); from the target on
                 (stop tokens allowed), base(x) * (1 + l(x))^-at_least_end_pull over the
                 plausible candidates: a pull toward ending (0: none, the output runs free);
@@ -162,6 +167,17 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
         soft = torch.where(plausible, log_base - equal_softness * dist,
                            torch.full_like(log_base, NEG_INF))
         logq = torch.where(mode == MODE_EQUAL, soft, logq)
+    if not math.isinf(at_most_softness):
+        # The hard rule, with a LenVM that over-predicts, walks the shortest continuation at
+        # every step and is then cut at T by the forced stop token, mid-sentence (12 to 28 nats
+        # under the base model in benchmarks/results/decision_frontier_bounds.json). Softly, the base model keeps its say
+        # among the continuations, and ending gains weight on them as the budget runs out.
+        over = (torch.log1p(length) - torch.log1p(r)).clamp_min(0)
+        soft_at_most = torch.where(plausible, log_base + beta.view(-1, 1) * p.float()
+                                   - at_most_softness * over, torch.full_like(log_base, NEG_INF))
+        open_budget = (mode == MODE_AT_MOST) & (r >= 0.5)
+        logq = torch.where(open_budget, soft_at_most, logq)
+        deterministic = deterministic & ~open_budget
     if at_least_end_pull > 0:
         # Past its target an at_least output is free to end; a 135M model that was kept from
         # stopping tends to ramble on into loops. Pull toward ending, softly.
@@ -195,7 +211,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                        has_root: bool, mode, target, generated, beta, greedy,
                        gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE,
                        plausibility: float = 0.0, equal_softness: float = math.inf,
-                       at_least_end_pull: float = 0.0,
+                       at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
                        must_stop: Optional[torch.Tensor] = None) -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
@@ -209,7 +225,8 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
     q = decide(cand, p_cand, mode=mode, target=target, generated=generated, beta=beta,
                greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance,
                plausibility=plausibility, equal_softness=equal_softness,
-               at_least_end_pull=at_least_end_pull, must_stop=must_stop)
+               at_least_end_pull=at_least_end_pull, at_most_softness=at_most_softness,
+               must_stop=must_stop)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 

@@ -273,11 +273,9 @@ def _candidates(worker, row_logits, temps, st, sampling_info, index, K):
 def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, must_stop,
                          rids) -> HeadDecision:
     """One LenVM star forward, the value head and the decision (fused Triton on GPU)."""
-    cfg = worker.config
+    rule = worker.config.decision_rule()
     kw = dict(has_root=meta.has_root, mode=st.mode, target=st.target, generated=generated,
-              beta=st.beta, greedy=st.greedy, gamma=worker.gamma,
-              plausibility=cfg.plausibility, equal_softness=cfg.equal_softness,
-              at_least_end_pull=cfg.at_least_end_pull, must_stop=must_stop)
+              beta=st.beta, greedy=st.greedy, gamma=worker.gamma, must_stop=must_stop)
     if worker.use_kernels:
         from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 
@@ -288,26 +286,23 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, m
             hidden, head.fc.weight, head.fc.bias, head.summary.weight, head.summary.bias,
             ids=cand.ids, base_prob=cand.base_prob, valid=cand.valid, stop_ids=st.stop_ids,
             mode_codes=(MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST),
-            equal_ratio=equal_uses_ratio(cfg.equal_distance), **kw))
+            equal_ratio=equal_uses_ratio(rule.pop("equal_distance")), **rule, **kw))
     p_all = torch.sigmoid(worker.star(tokens, positions, meta))
     faults.inject("decision", rids)
-    return decide_from_values(p_all, cand, st.stop_ids, equal_distance=cfg.equal_distance, **kw)
+    return decide_from_values(p_all, cand, st.stop_ids, **rule, **kw)
 
 
 def _one_pass_decision(worker, hidden, p_state, cand, st, generated, must_stop, has_root,
                        rids) -> HeadDecision:
     """The candidates' values from the candidate head, then the same decision as the star
     path (on GPU too: the fused kernel reads star hidden states, which one-pass skips)."""
-    cfg = worker.config
     p_cand = torch.sigmoid(worker.candidate_values(hidden.float(), cand.ids))
     p_all = torch.cat([p_state.float().view(-1, 1), p_cand], 1) if has_root else p_cand
     faults.inject("decision", rids)
-    return decide_from_values(p_all, cand, st.stop_ids, equal_distance=cfg.equal_distance,
-                              has_root=has_root, mode=st.mode, target=st.target,
-                              generated=generated, beta=st.beta, greedy=st.greedy,
-                              gamma=worker.gamma, plausibility=cfg.plausibility,
-                              equal_softness=cfg.equal_softness,
-                              at_least_end_pull=cfg.at_least_end_pull, must_stop=must_stop)
+    return decide_from_values(p_all, cand, st.stop_ids, has_root=has_root, mode=st.mode,
+                              target=st.target, generated=generated, beta=st.beta,
+                              greedy=st.greedy, gamma=worker.gamma, must_stop=must_stop,
+                              **worker.config.decision_rule())
 
 
 def _equal_stop_near(state: LengthState, forward_batch, rows) -> bool:

@@ -35,6 +35,9 @@ def worker_stats(worker, scheduler) -> dict:
         # null: inf, the deterministic closest candidate
         "equal_softness": (worker.config.equal_softness
                            if math.isfinite(worker.config.equal_softness) else None),
+        # null: inf, only candidates predicted to fit (the hard rule)
+        "at_most_softness": (worker.config.at_most_softness
+                             if math.isfinite(worker.config.at_most_softness) else None),
         **worker.stats,
         **faults.counters,  # LenVM failures isolated, requests that went on unguided
         "kv_pool_tokens": int(worker.runner.max_total_num_tokens),
