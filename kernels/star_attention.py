@@ -208,12 +208,14 @@ def plan_splits(max_prefix_len: int, programs: int, partial_bytes: int, kv_bytes
     return best
 
 
+@functools.lru_cache(maxsize=256)  # every layer of a forward asks the same: plan it once
 def launch_plan(batch: int, tree_size: int, hq: int, hkv: int, d: int, dv: int,
                 max_prefix_len: int, dtype: torch.dtype, device: torch.device, *,
                 num_splits: Optional[int] = None,
                 block_n: Optional[int] = None, num_warps: Optional[int] = None,
                 num_stages: Optional[int] = None) -> dict:
-    """Tile sizes, splits and warps for one call (host ints only: no device sync)."""
+    """Tile sizes, splits and warps for one call (host ints only: no device sync). The dict
+    is shared between calls (cached): read it, do not change it."""
     rows = tree_size * (hq // hkv)
     fp32 = dtype == torch.float32
     # float32 (IEEE FMA dots, no tensor cores) keeps its tiles in registers: smaller tiles

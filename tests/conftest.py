@@ -41,12 +41,15 @@ def models(tmp_path_factory):
 def server(models, tmp_path_factory):
     """Random base + random LenVM (published layout, head file), default settings, with fault
     injection on: only requests whose rid asks for a fault (tests/test_faults.py) see one,
-    and SGLang's Prometheus endpoint (tests/test_metrics.py)."""
+    SGLang's Prometheus endpoint (tests/test_operations.py) and the host-sync guard
+    (tests/test_sync_guard.py)."""
+    from sglang_lenvm.runtime import sync_guard
     from sglang_lenvm.runtime.faults import ENV_VAR, PHASES
 
     s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                 "--chunked-prefill-size", "64", "--enable-metrics"],
-               tmp_path_factory.mktemp("logs") / "server.log", env={ENV_VAR: ",".join(PHASES)})
+               tmp_path_factory.mktemp("logs") / "server.log",
+               env={ENV_VAR: ",".join(PHASES), sync_guard.ENV_VAR: "1"})
     yield s
     s.stop()
 
@@ -58,9 +61,11 @@ def oracle_server(models, tmp_path_factory):
     the exact remaining length less than 0.1 x its favourite's probability at times, and the
     default floor would rightly keep it out). The other rule knobs are the defaults (soft
     equal, at_least's end pull), so exactness is checked for the rule users get."""
+    from sglang_lenvm.runtime import sync_guard
+
     s = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "oracle"),
                 "--lenvm-top-k", "48", "--lenvm-plausibility", "0"],
-               tmp_path_factory.mktemp("logs") / "oracle.log")
+               tmp_path_factory.mktemp("logs") / "oracle.log", env={sync_guard.ENV_VAR: "1"})
     yield s
     s.stop()
 

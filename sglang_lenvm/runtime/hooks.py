@@ -327,9 +327,11 @@ def _around_sample(orig, runner, logits_output, forward_batch, *args, **kwargs):
     outputs = getattr(forward_batch, "lenvm_output", None)
     if outputs:
         from sglang_lenvm.runtime.outputs import attach
+        from sglang_lenvm.runtime.sync_guard import guarded_step
 
-        faults.guarded("outputs", lambda: attach(logits_output, outputs, out),
-                       _reqs_of(forward_batch))
+        with guarded_step():
+            faults.guarded("outputs", lambda: attach(logits_output, outputs, out),
+                           _reqs_of(forward_batch))
     if steered:
         faults.guarded("tensor_parallel", lambda: _worker.tp.agree_on_faults(state.reqs),
                        _reqs_of(forward_batch))
@@ -345,8 +347,9 @@ def _after_preprocess_logits(result, runner, logits_output, sampling_info, *args
         return result
     from sglang_lenvm.runtime import faults
     from sglang_lenvm.runtime.scorer import score_step
+    from sglang_lenvm.runtime.sync_guard import guarded_step
 
-    with _timed("scoring"):
+    with _timed("scoring"), guarded_step():
         faults.guarded("scoring", lambda: score_step(_worker, logits_output, sampling_info,
                                                      forward_batch), _reqs_of(forward_batch))
     return result

@@ -91,6 +91,12 @@ class LengthState:
     # device for the step, and a CPU copy so that steps with no row near it skip the extra slot.
     equal_stop_seq_len: torch.Tensor = _row(DEVICE)  # int64
     equal_stop_seq_len_cpu: torch.Tensor = _row(CPU)  # int64, on the CPU
+    steer_flag: torch.Tensor = _row(DEVICE)  # bool: `steer` on the device (quarantined rows
+    # keep True here, but are never among the rows a step scores)
+    # Device index tensors of row lists, made once per state (a state lives as long as its
+    # batch's composition): a step indexes with them without a host-to-device copy.
+    _index_memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                          compare=False, metadata={"row": "none"})
 
     @property
     def any_active(self) -> bool:
@@ -106,6 +112,17 @@ class LengthState:
     def rids(self, rows: Optional[Sequence[int]] = None) -> List[Optional[str]]:
         rows = range(len(self)) if rows is None else rows
         return [getattr(self.reqs[i], "rid", None) for i in rows]
+
+    def device_index(self, rows: Sequence[int]) -> torch.Tensor:
+        """`rows` as an int64 tensor on the device: built on first use, then reused."""
+        key = tuple(rows)
+        index = self._index_memo.get(key)
+        if index is None:
+            if len(self._index_memo) >= 16:  # per-row fallbacks could otherwise pile up
+                self._index_memo.clear()
+            index = self._index_memo[key] = torch.tensor(key, dtype=torch.int64).to(
+                self.settings.device, non_blocking=True)
+        return index
 
     def deactivate(self, i: int) -> None:
         """Switch row i off in place (after quarantine); seen by every holder of this state."""
@@ -169,6 +186,7 @@ class LengthState:
             stop_ids=stop.to(settings.device, non_blocking=True),
             equal_stop_seq_len=stop_seq.to(settings.device, non_blocking=True),
             equal_stop_seq_len_cpu=stop_seq,
+            steer_flag=dev(col("steer"), torch.bool),
         )
 
     @classmethod

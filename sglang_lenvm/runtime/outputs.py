@@ -46,6 +46,7 @@ REQUEST_LEVEL_KEYS = frozenset({PREDICTED_KEY})
 @dataclasses.dataclass(frozen=True)
 class LenVMDeviceOutput:
     batch_rows: List[int]  # batch row of each entry below
+    rows_device: torch.Tensor  # the same rows on the device (the step's index tensor)
     want_values: List[bool]
     p_state: torch.Tensor  # [n] value of the state before this step's token
     ok: torch.Tensor  # [n] bool, False where the row fell back to unguided sampling
@@ -58,8 +59,7 @@ class LenVMDeviceOutput:
         """Look up the sampled token among the candidates (after SGLang's sampler ran)."""
         if self.cand_ids is None:
             return self
-        rows = torch.tensor(self.batch_rows, dtype=torch.int64, device=self.cand_ids.device)
-        hit = self.cand_ids == next_token_ids[rows].view(-1, 1)
+        hit = self.cand_ids == next_token_ids[self.rows_device].view(-1, 1)
         p = torch.where(hit, self.p_cand.float(), torch.full_like(self.p_cand.float(), -1.0))
         p = p.amax(dim=1)
         chosen = torch.where(p >= 0, p, torch.full_like(p, float("nan")))

@@ -93,14 +93,13 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
 
 def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward_batch,
                state: LengthState, rows: List[int], is_decode: bool) -> StepResult:
-    device = logits.device
     rids = state.rids(rows)
-    index = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    index = state.device_index(rows)  # no host-to-device copy in a steady batch
     st = state.rows(index)
     seq_lens = forward_batch.seq_lens[index]
     generated = seq_lens - st.prompt_len  # tokens generated before this step's token
     steer_host = [state.steer[i] for i in rows]
-    steer = torch.tensor(steer_host, dtype=torch.bool).to(device, non_blocking=True)
+    steer = st.steer_flag
     temps = sampling_info.temperatures.view(-1)[index]
     B = len(rows)
     if worker.candidate_vocab is not None:
@@ -174,6 +173,7 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         neutralize = use & ~st.greedy
     output = LenVMDeviceOutput(
         batch_rows=list(rows),
+        rows_device=index,
         want_values=[state.want_values[i] for i in rows],
         p_state=p_state.float(),
         ok=ok,

@@ -31,6 +31,19 @@ class StarMeta:
     tree_size: int  # T = has_root + K
     has_root: bool
     root_slots: Optional[torch.Tensor]  # [B] KV slots the roots are written to (decode)
+    # The plan every layer shares (made by the first layer that asks, once per forward).
+    _plan: Optional[tuple] = dataclasses.field(default=None, repr=False)
+
+    def plan(self, req_to_token: torch.Tensor) -> tuple:
+        """(prefix KV slots [B, P] int64, live [B, P] bool, root rows [B] or None)."""
+        if self._plan is None or self._plan[0] is not req_to_token:
+            B, P = self.prefix_lens.shape[0], self.max_prefix_len
+            device = self.prefix_lens.device
+            idx = req_to_token[self.req_pool_indices, :P].long()
+            live = torch.arange(P, device=device).view(1, P) < self.prefix_lens.view(B, 1)
+            roots = torch.arange(B, device=device) * self.tree_size if self.has_root else None
+            self._plan = (req_to_token, (idx, live, roots))
+        return self._plan[1]
 
 
 def star_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -47,18 +60,16 @@ def star_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     hq, d = q.shape[1], q.shape[2]
     hkv, dv = k.shape[1], v.shape[-1]
     G, P = hq // hkv, meta.max_prefix_len
-    neg_inf = torch.tensor(float("-inf"), dtype=torch.float32, device=q.device)
     qh = q.view(B, T, hkv, G, d).float()
     kt = k.view(B, T, hkv, d).float()
     vt = v.view(B, T, hkv, dv).float()
 
-    idx = req_to_token[meta.req_pool_indices, :P].long()  # [B, P]
-    live = torch.arange(P, device=q.device).view(1, P) < meta.prefix_lens.view(B, 1)
+    idx, live, _ = meta.plan(req_to_token)  # [B, P] slots and which of them are the prefix
     # Rows shorter than P gather stale slots past their prefix: zero them (0 x NaN is NaN).
     pk = torch.where(live.view(B, P, 1, 1), k_cache[idx].float(), 0.0)  # [B, P, Hkv, D]
     pv = torch.where(live.view(B, P, 1, 1), v_cache[idx].float(), 0.0)
     s_prefix = torch.einsum("bthgd,bphd->bthgp", qh, pk) * scale
-    s_prefix = torch.where(live.view(B, 1, 1, 1, P), s_prefix, neg_inf)
+    s_prefix = torch.where(live.view(B, 1, 1, 1, P), s_prefix, float("-inf"))
     s_self = (qh * kt.unsqueeze(3)).sum(-1, keepdim=True) * scale  # [B, T, Hkv, G, 1]
     scores = [s_prefix]
     if meta.has_root:
@@ -93,11 +104,10 @@ class StarAttentionBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         meta = self.meta
-        B, T = meta.prefix_lens.shape[0], meta.tree_size
         k = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
         v = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
         if meta.has_root:
-            root = torch.arange(B, device=k.device) * T
+            root = meta.plan(self.req_to_token_pool.req_to_token)[2]
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(meta.root_slots, None), k[root], v[root])
         q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from sglang_lenvm.runtime import faults
+from sglang_lenvm.runtime import faults, sync_guard
 
 
 def worker_stats(worker, scheduler) -> dict:
@@ -40,6 +40,8 @@ def worker_stats(worker, scheduler) -> dict:
                              if math.isfinite(worker.config.at_most_softness) else None),
         **worker.stats,
         **faults.counters,  # LenVM failures isolated, requests that went on unguided
+        # calls that would stall a GPU's host in the step path (tests: sync_guard.py), or null
+        "host_syncs": sync_guard.counters["host_syncs"] if sync_guard.ENABLED else None,
         "kv_pool_tokens": int(worker.runner.max_total_num_tokens),
         "kv_bytes_per_token": worker.kv_bytes_per_token(),
         "free_slots": int(allocator.available_size()),
