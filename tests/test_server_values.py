@@ -114,3 +114,29 @@ def test_only_candidates_inside_the_truncation_are_scored(server):
 
     assert scored() == 5 * 6  # prefill step + 5 decode steps, 5 candidates each
     assert scored(min_p=1.0) == 6
+
+
+def test_each_row_pays_for_its_own_tree(server, models, tok):
+    """Star trees are packed: a top_k 12 request in the batch does not give a top_k 2 one,
+    or one that only reports values, a 13-token tree (the forward runs 133 tokens here, not
+    309), and the packed forward gives every chosen candidate its transformers value."""
+    texts = ["Write a story", "Tell me a tale", "Values only, please"]
+    guided = {"max_new_tokens": 8, "temperature": 1.0, "length_target": 8,
+              "length_mode": "at_least", "return_length_values": True}
+    params = [{**guided, "top_k": 12}, {**guided, "top_k": 2},
+              {"max_new_tokens": 8, "ignore_eos": True, "return_length_values": True}]
+    before = server.get("/lenvm/stats").json()[0]["star_tokens"]
+    r = server.post("/generate", {"text": texts, "sampling_params": params})
+    assert r.status_code == 200, r.text
+    outs = r.json()
+    # per request: prefill (candidates only) + 7 decode steps of root + candidates
+    assert server.get("/lenvm/stats").json()[0]["star_tokens"] - before == (
+        (12 + 7 * 13) + (2 + 7 * 3) + 7)
+    for text, out in zip(texts, outs):
+        assert len(out["output_ids"]) == 8
+        check_trace(models, tok, text, out)
+    for text, out in zip(texts[:2], outs[:2]):
+        prompt = tok.encode(text)
+        ref = lenvm_p(models / "lenvm", prompt + out["output_ids"])
+        chosen = out["meta_info"]["lenvm_p_chosen"]
+        assert all(abs(c - ref[len(prompt) + t].item()) < TOL for t, c in enumerate(chosen))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -77,6 +77,7 @@ class LengthState:
     steer: List[bool] = _row(HOST)  # row's sampling is changed by the LenVM
     want_values: List[bool] = _row(HOST)
     modes: List[int] = _row(HOST)  # MODE_* per row, on the host: decides which steps run
+    top_ks: List[int] = _row(HOST)  # `top_k` on the host: sizes each row's star tree
     final_chunk: List[bool] = _row(HOST)  # the batch's extend is the row's last prefill chunk
     # --- device side, one row per request ---
     mode: torch.Tensor = _row(DEVICE)  # int64 MODE_*
@@ -116,13 +117,21 @@ class LengthState:
     def device_index(self, rows: Sequence[int]) -> torch.Tensor:
         """`rows` as an int64 tensor on the device: built on first use, then reused."""
         key = tuple(rows)
-        index = self._index_memo.get(key)
-        if index is None:
+        return self.memo(key, lambda: self.memo_tensor(key))
+
+    def memo(self, key, build: Callable[[], object]):
+        """`build()`, made once per state and `key` (a state lives as long as its batch's
+        composition: what depends only on that is not rebuilt every step)."""
+        if key not in self._index_memo:
             if len(self._index_memo) >= 16:  # per-row fallbacks could otherwise pile up
                 self._index_memo.clear()
-            index = self._index_memo[key] = torch.tensor(key, dtype=torch.int64).to(
-                self.settings.device, non_blocking=True)
-        return index
+            self._index_memo[key] = build()
+        return self._index_memo[key]
+
+    def memo_tensor(self, values: Sequence[int]) -> torch.Tensor:
+        """An int64 device tensor for `memo` (the one host-to-device copy it stands for)."""
+        return torch.tensor(list(values), dtype=torch.int64).to(self.settings.device,
+                                                                 non_blocking=True)
 
     def deactivate(self, i: int) -> None:
         """Switch row i off in place (after quarantine); seen by every holder of this state."""
@@ -176,7 +185,8 @@ class LengthState:
             settings=settings,
             num_candidates=max(col("top_k")),
             reqs=col("req"), active=col("active"), steer=col("steer"),
-            want_values=col("want_values"), modes=col("mode"), final_chunk=col("final_chunk"),
+            want_values=col("want_values"), modes=col("mode"), top_ks=col("top_k"),
+            final_chunk=col("final_chunk"),
             mode=dev(col("mode"), torch.int64),
             target=dev(col("target"), torch.int64),
             beta=dev(col("beta"), torch.float32),

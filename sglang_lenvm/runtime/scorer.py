@@ -136,6 +136,7 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         if tree_k:
             parts.append(cand.ids)
             pos.append((prefix + R).view(-1, 1).expand(B, K))
+        packed = _packed_positions(worker, state, rows, cand, R) if tree_k else None
         meta = StarMeta(
             req_pool_indices=forward_batch.req_pool_indices[index],
             prefix_lens=prefix,
@@ -143,8 +144,11 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
             tree_size=T,
             has_root=bool(R),
             root_slots=forward_batch.out_cache_loc[index] if R else None,
+            packed=packed,
         )
-        tokens, positions = torch.cat(parts, 1), torch.cat(pos, 1)
+        tokens, positions = torch.cat(parts, 1).view(-1), torch.cat(pos, 1).reshape(-1)
+        if packed is not None:
+            tokens, positions = tokens[packed], positions[packed]
         faults.inject("star", rids)
         # A shared trunk (one-pass only, so the trees here are roots only): the roots enter
         # at the LenVM's first own layer with the base model's stream for these rows.
@@ -238,6 +242,46 @@ def _with_stop_candidate(cand: Candidates, probs_of, stop_ids: torch.Tensor,
                       valid=torch.cat([cand.valid, ok.view(-1, 1)], dim=1))
 
 
+def _packed_positions(worker, state: LengthState, rows, cand: Candidates,
+                      R: int) -> Optional[torch.Tensor]:
+    """The positions of the [B, 1 + K] star trees the forward computes: every root and each
+    row's own candidate slots, so one request's top_k = 64 does not give every row a
+    65-token tree, and a row that only reports values has none. None: all of them.
+
+    CPU: exactly the valid slots. GPU: each row's top_k slots (and the stop slot of steering
+    rows where one was appended), counted on the host and memoized per batch: no device sync.
+    """
+    if not worker.use_kernels:
+        return _valid_positions(cand.valid, R)
+    B, K = cand.ids.shape
+    stop_slot = K > state.num_candidates  # _with_stop_candidate appended one
+    T = R + K
+
+    def build():
+        keep = []
+        for b, i in enumerate(rows):
+            steer = state.steer[i]
+            cap = min(state.top_ks[i], state.num_candidates) if steer else 0
+            keep += [b * T + j for j in range(R + cap)]
+            if stop_slot and steer:
+                keep.append(b * T + T - 1)
+        return keep
+
+    def packed():
+        keep = build()
+        return None if len(keep) == B * T else state.memo_tensor(keep)  # None: all
+
+    return state.memo(("packed", tuple(rows), R, K), packed)
+
+
+def _valid_positions(valid: torch.Tensor, R: int) -> Optional[torch.Tensor]:
+    """CPU path: the roots and the valid candidate slots (a device sync on a GPU)."""
+    keep = torch.cat([torch.ones_like(valid[:, :R]), valid], 1).view(-1)
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().view(-1)
+
+
 def _drop_unused_slots(cand: Candidates) -> Candidates:
     """Keep only the candidate slots some row uses (CPU path).
 
@@ -280,7 +324,7 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, m
         from sglang_lenvm.kernels.value_head_decision import value_head_decision_triton
 
         head = worker.model.v_head
-        hidden = worker.star_hidden(tokens, positions, meta)
+        hidden = meta.unpack(worker.star_hidden(tokens, positions, meta))  # [B * T, H]
         faults.inject("decision", rids)
         return HeadDecision(*value_head_decision_triton(
             hidden, head.fc.weight, head.fc.bias, head.summary.weight, head.summary.bias,

@@ -31,8 +31,26 @@ class StarMeta:
     tree_size: int  # T = has_root + K
     has_root: bool
     root_slots: Optional[torch.Tensor]  # [B] KV slots the roots are written to (decode)
+    # Packed trees: the positions of [B * T] the forward computes (the roots and each row's
+    # own candidate slots), in order; None: all B * T. The model's layers run over the packed
+    # tokens only; attention places them in the [B, T] layout and takes them back.
+    packed: Optional[torch.Tensor] = None
     # The plan every layer shares (made by the first layer that asks, once per forward).
     _plan: Optional[tuple] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        B = self.prefix_lens.shape[0]
+        return B * self.tree_size if self.packed is None else self.packed.shape[0]
+
+    def unpack(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[num_tokens, ...] -> [B * T, ...], `fill` at the positions not computed."""
+        if self.packed is None:
+            return x
+        B = self.prefix_lens.shape[0]
+        out = x.new_full((B * self.tree_size, *x.shape[1:]), fill)
+        out[self.packed] = x
+        return out
 
     def plan(self, req_to_token: torch.Tensor) -> tuple:
         """(prefix KV slots [B, P] int64, live [B, P] bool, root rows [B] or None)."""
@@ -104,17 +122,21 @@ class StarAttentionBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         meta = self.meta
-        k = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
-        v = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
+        # Packed trees: zeros at the positions not computed (finite, so no NaN can reach a
+        # computed query; their outputs are dropped).
+        k = meta.unpack(k.view(-1, layer.tp_k_head_num, layer.qk_head_dim))
+        v = meta.unpack(v.view(-1, layer.tp_v_head_num, layer.v_head_dim))
         if meta.has_root:
             root = meta.plan(self.req_to_token_pool.req_to_token)[2]
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(meta.root_slots, None), k[root], v[root])
-        q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        q = meta.unpack(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim))
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         fn = self.kernel or star_attention_torch
         o = fn(q, k, v, k_cache, v_cache, self.req_to_token_pool.req_to_token, meta, layer.scaling)
-        return o.reshape(q.shape[0], layer.tp_q_head_num * layer.v_head_dim)
+        if meta.packed is not None:
+            o = o[meta.packed]
+        return o.reshape(o.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
     forward_decode = forward_extend

@@ -39,7 +39,8 @@ ALLOWED = {
     "_host_max": "reads the host copy of seq_lens (SGLang keeps one for this)",
     "_equal_stop_near": "reads host copies of seq_lens and of the equal stop lengths",
     "_drop_unused_slots": "CPU path only; the GPU path keeps all K slots instead",
-    "device_index": "fills a per-batch memo: once per batch composition, not per step",
+    "memo_tensor": "fills a per-batch memo: once per batch composition, not per step",
+    "_valid_positions": "CPU path only; the GPU path packs by host-known counts instead",
 }
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])  # sglang_lenvm/

@@ -208,21 +208,22 @@ class LenVMWorker:
     @torch.no_grad()
     def star(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta,
              input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One LenVM forward over B star trees of T tokens each: raw values z [B, T]."""
-        B, T = tokens.shape
-        return self.model.v_head(self.star_hidden(tokens, positions, meta,
-                                                  input_embeds)).view(B, T)
+        """One LenVM forward over B star trees of T tokens each: raw values z [B, T] (0 at
+        the positions a packed tree does not compute)."""
+        B, T = meta.prefix_lens.shape[0], meta.tree_size
+        z = self.model.v_head(self.star_hidden(tokens, positions, meta, input_embeds))
+        return meta.unpack(z.view(-1)).view(B, T)
 
     @torch.no_grad()
     def star_hidden(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StarMeta,
                     input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The backbone part of `star`: final-norm hidden states [B * T, H]. `input_embeds`
-        [B * T, H]: the trunk's stream instead of token embeddings (shared trunk, roots
-        only)."""
+        """The backbone part of `star`: final-norm hidden states [N, H] of the N tokens
+        [N] (B * T, or meta.packed's positions of them). `input_embeds` [N, H]: the trunk's
+        stream instead of token embeddings (shared trunk, roots only)."""
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
-        B, T = tokens.shape
+        B, T = meta.prefix_lens.shape[0], meta.tree_size
         flat = tokens.reshape(-1)
         fb = ForwardBatch(
             forward_mode=ForwardMode.EXTEND,
@@ -243,8 +244,8 @@ class LenVMWorker:
             self.star_backend.meta = None
         self.stats["star_forwards"] += 1
         self.stats["star_rows"] += B
-        self.stats["star_tokens"] += B * T
-        self.stats["candidates_scored"] += B * (T - int(meta.has_root))
+        self.stats["star_tokens"] += flat.shape[0]
+        self.stats["candidates_scored"] += flat.shape[0] - B * int(meta.has_root)
         return hidden
 
 
