@@ -34,7 +34,11 @@ DEFAULT_EQUAL_SOFTNESS = 16.0
 DEFAULT_AT_LEAST_END_PULL = 1.0
 # at_most while budget is left: q(x) ~ p(x) exp(-softness * d+(x)), d+ how far x's predicted
 # length runs past the budget (in ratio); inf: only candidates that fit (the hard rule).
-DEFAULT_AT_MOST_SOFTNESS = math.inf
+# 2 from the frontier in benchmarks/results/decision_frontier_at_most.json (README).
+DEFAULT_AT_MOST_SOFTNESS = 2.0
+# Tokens one star forward may hold (roots + candidates): a step with more splits its rows into
+# several forwards, so the scorer's workspace has a bound, charged to the KV budget at start.
+DEFAULT_MAX_STAR_TOKENS = 4096
 # Most samples (`n`, `best_of`) one request may ask for, on every route (the HTTP front door's
 # guard, with or without a LenVM): SGLang expands n into n requests at once, so one body with
 # n = 10**6 would occupy the server for hours. OpenAI's API has the same bound.
@@ -76,6 +80,8 @@ class LenVMConfig:
     at_least_end_pull: float = DEFAULT_AT_LEAST_END_PULL
     # at_most: lambda of the soft rule (inf: only candidates predicted to fit)
     at_most_softness: float = DEFAULT_AT_MOST_SOFTNESS
+    # tokens per star forward (more: the step's rows are split into several forwards)
+    max_star_tokens: int = DEFAULT_MAX_STAR_TOKENS
     # see SCORINGS
     scoring: str = DEFAULT_SCORING
     # One-pass scoring only: the LenVM's leading decoder layers that are the base model's own,
@@ -106,6 +112,10 @@ class LenVMConfig:
         if not self.equal_softness >= 0.0:
             raise ValueError(f"--lenvm-equal-softness must be >= 0 (inf: the closest candidate), "
                              f"got {self.equal_softness}")
+        if self.max_star_tokens < self.max_top_k + 2:
+            raise ValueError(f"--lenvm-max-star-tokens must hold one request's largest tree "
+                             f"(root + {self.max_top_k} candidates + a stop slot = "
+                             f"{self.max_top_k + 2}), got {self.max_star_tokens}")
         if not self.at_most_softness >= 0.0:
             raise ValueError(f"--lenvm-at-most-softness must be >= 0 (inf: only candidates "
                              f"that fit), got {self.at_most_softness}")

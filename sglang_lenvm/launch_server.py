@@ -19,6 +19,7 @@ from typing import List, Optional
 
 from sglang_lenvm.config import (
     DEFAULT_MAX_N,
+    DEFAULT_MAX_STAR_TOKENS,
     DEFAULT_AT_LEAST_END_PULL,
     DEFAULT_AT_MOST_SOFTNESS,
     DEFAULT_EQUAL_DISTANCE,
@@ -75,6 +76,11 @@ def _our_parser() -> argparse.ArgumentParser:
                         "predicted length runs past the budget ('inf': only candidates "
                         "predicted to fit, else the shortest); the last token is always a stop "
                         "token")
+    g.add_argument("--lenvm-max-star-tokens", type=int, default=DEFAULT_MAX_STAR_TOKENS,
+                   metavar="N",
+                   help="tokens one LenVM star forward may hold (each guided request's root "
+                        "and candidates); a step with more runs several forwards. Bounds the "
+                        "scorer's workspace, which is charged to the KV cache budget at start")
     g.add_argument("--lenvm-equal-max-overshoot", type=float, default=DEFAULT_EQUAL_MAX_OVERSHOOT,
                    metavar="F",
                    help="once a length_mode=equal output is F x its target past the target, "
@@ -207,6 +213,7 @@ def prepare(argv: List[str]):
                              equal_softness=ours.lenvm_equal_softness,
                              at_least_end_pull=ours.lenvm_at_least_end_pull,
                              at_most_softness=ours.lenvm_at_most_softness,
+                             max_star_tokens=ours.lenvm_max_star_tokens,
                              scoring=ours.lenvm_scoring,
                              shared_trunk=ours.lenvm_shared_trunk,
                              base_model_path=_flag_value(rest, "--model-path"))

@@ -42,12 +42,14 @@ def server(models, tmp_path_factory):
     """Random base + random LenVM (published layout, head file), default settings, with fault
     injection on: only requests whose rid asks for a fault (tests/test_faults.py) see one,
     SGLang's Prometheus endpoint (tests/test_operations.py) and the host-sync guard
-    (tests/test_sync_guard.py)."""
+    (tests/test_sync_guard.py). Star forwards hold at most 66 tokens (the smallest bound the
+    largest tree allows): a step with more than three default-top_k trees runs several."""
     from sglang_lenvm.runtime import sync_guard
     from sglang_lenvm.runtime.faults import ENV_VAR, PHASES
 
     s = Server(["--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
-                "--chunked-prefill-size", "64", "--enable-metrics"],
+                "--chunked-prefill-size", "64", "--enable-metrics",
+                "--lenvm-max-star-tokens", "66"],
                tmp_path_factory.mktemp("logs") / "server.log",
                env={ENV_VAR: ",".join(PHASES), sync_guard.ENV_VAR: "1"})
     yield s

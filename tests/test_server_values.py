@@ -140,3 +140,22 @@ def test_each_row_pays_for_its_own_tree(server, models, tok):
         ref = lenvm_p(models / "lenvm", prompt + out["output_ids"])
         chosen = out["meta_info"]["lenvm_p_chosen"]
         assert all(abs(c - ref[len(prompt) + t].item()) < TOL for t, c in enumerate(chosen))
+
+
+def test_a_step_over_the_star_token_bound_runs_several_forwards(server, models, tok):
+    """The shared server bounds a star forward at 66 tokens (--lenvm-max-star-tokens): five
+    top_k 15 requests in one step (5 x 17 tokens) run in groups, and every value is still
+    the transformers value."""
+    texts = [f"Story number {i}:" for i in range(5)]
+    params = [{"max_new_tokens": 5, "temperature": 1.0, "length_target": 5, "top_k": 15,
+               "length_mode": "at_least", "return_length_values": True}] * 5
+    (before,) = server.get("/lenvm/stats").json()
+    r = server.post("/generate", {"text": texts, "sampling_params": params})
+    assert r.status_code == 200, r.text
+    (after,) = server.get("/lenvm/stats").json()
+    tokens = after["star_tokens"] - before["star_tokens"]
+    forwards = after["star_forwards"] - before["star_forwards"]
+    assert tokens == 5 * (15 + 4 * 16)  # prefill trees of 15, then 4 decode steps of 1 + 15
+    assert forwards >= -(-tokens // 66) and tokens / forwards <= 66
+    for text, out in zip(texts, r.json()):
+        check_trace(models, tok, text, out)

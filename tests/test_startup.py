@@ -66,6 +66,7 @@ def test_bad_flags_are_refused(models, capsys):
     ("--lenvm-equal-softness", "-1", "--lenvm-equal-softness must be >= 0"),
     ("--lenvm-at-most-softness", "nan", "--lenvm-at-most-softness must be >= 0"),
     ("--lenvm-at-most-softness", "-0.5", "--lenvm-at-most-softness must be >= 0"),
+    ("--lenvm-max-star-tokens", "10", "--lenvm-max-star-tokens must hold one request's largest tree"),
     ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
     ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")])
 def test_bad_rule_flags_are_refused(models, flag, value, message):

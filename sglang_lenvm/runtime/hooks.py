@@ -2,7 +2,8 @@
 
 Scheduler start-up (scheduler process):
   maybe_init_draft_worker  -> check the set-up, build the LenVM runner (weights before KV sizing)
-  DefaultPoolConfigurator  -> charge the LenVM's KV bytes per token to SGLang's KV budget
+  DefaultPoolConfigurator  -> charge the LenVM's KV bytes per token and the scorer's
+                              workspace to SGLang's KV budget
   init_memory_pools        -> share slot table + allocator, allocate the LenVM KV pool
   init_all_attention_backends -> the LenVM's attention backends; with a shared trunk, the
                               capture on the base model's decoder-layer class (its forward)
@@ -145,6 +146,8 @@ def _charge_kv_budget(_result, pool_configurator, kvc) -> None:
     # per token (EAGLE drafts are charged the same way) makes both pools fit the budget.
     if _worker is not None and not kvc.is_draft_worker:
         pool_configurator._cell_size += _worker.kv_bytes_per_token()
+        # The scorer's bounded workspace comes out of the same budget, before the pools.
+        pool_configurator._fixed_overhead_bytes += _worker.workspace_bytes()
 
 
 def _attach_pools(_result, sched) -> None:

@@ -63,6 +63,21 @@ def scoring_rows(state: LengthState, is_decode: bool) -> List[int]:
             if a and fault_of(state.reqs[i]) is None and (is_decode or state.final_chunk[i])]
 
 
+def row_groups(state: LengthState, rows: List[int], R: int, max_tokens: int) -> List[List[int]]:
+    """The rows in consecutive groups whose star trees hold at most `max_tokens` tokens
+    together (from host-known sizes: root, top_k candidates and a stop slot per steering row),
+    one forward each; almost always one group. A tree is never split."""
+    groups, size = [[]], 0
+    for i in rows:
+        tree = R + (min(state.top_ks[i], state.num_candidates) + 1 if state.steer[i] else 0)
+        if groups[-1] and size + tree > max_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += tree
+    return groups
+
+
 def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch) -> None:
     state: Optional[LengthState] = getattr(sampling_info, "lenvm_state", None)
     if state is None or not state.any_active:
@@ -75,12 +90,17 @@ def score_step(worker: LenVMWorker, logits_output, sampling_info, forward_batch)
     if not rows:
         return
     logits = logits_output.next_token_logits
-    how, result = faults.isolated(
-        "scoring", [state.reqs[i] for i in rows],
-        lambda: score_rows(worker, logits, sampling_info, forward_batch, state, rows, is_decode),
-        lambda j: score_rows(worker, logits, sampling_info, forward_batch, state, [rows[j]],
-                             is_decode))
-    results = [result] if how == "batch" else [r for r in result if r is not None]
+    results = []
+    groups = state.memo(("groups", tuple(rows), is_decode), lambda: row_groups(
+        state, rows, int(is_decode), worker.config.max_star_tokens))
+    for group in groups:
+        how, result = faults.isolated(
+            "scoring", [state.reqs[i] for i in group],
+            lambda g=group: score_rows(worker, logits, sampling_info, forward_batch, state, g,
+                                       is_decode),
+            lambda j, g=group: score_rows(worker, logits, sampling_info, forward_batch, state,
+                                          [g[j]], is_decode))
+        results += [result] if how == "batch" else [r for r in result if r is not None]
     outputs = []
     for r in results:
         if r.logits is not None:

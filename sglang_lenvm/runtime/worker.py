@@ -77,6 +77,7 @@ class LenVMWorker:
         choice = os.environ.get("SGLANG_LENVM_KERNELS", "auto")
         self.use_kernels = choice == "triton" or (choice == "auto" and self.device != "cpu")
         self.star_backend: Optional[StarAttentionBackend] = None
+        self.max_running_requests = server_args.max_running_requests  # None: SGLang's choice
         # Counters for /lenvm/stats (host ints: no device sync to maintain them).
         self.stats = {"mirror_extend_tokens": 0, "mirror_extend_forwards": 0,
                       "star_forwards": 0, "star_rows": 0, "star_tokens": 0,
@@ -118,6 +119,24 @@ class LenVMWorker:
         mc = self.model_config
         itemsize = torch.empty((), dtype=self.runner.kv_cache_dtype).element_size()
         return 2 * self.kv_layers() * self.kv_heads() * mc.head_dim * itemsize
+
+    def workspace_bytes(self) -> int:
+        """An upper estimate of the scorer's peak memory in one step at --lenvm-max-star-tokens:
+        the star forward's live activations (per token: the residual stream, attention q/k/v/o
+        and the MLP's gate/up/product, in the model dtype; the value head in float32) and the
+        candidate selection's [rows, V] temporaries (a float32 copy of the rows' logits; on the
+        torch path also probabilities, sorted values and int64 indices), rows = the tokens or
+        --max-running-requests, whichever is fewer. Charged to SGLang's KV budget at start
+        (hooks._charge_kv_budget) so that a full batch cannot run out of memory. The torch
+        attention of the CPU path also holds [tokens, heads, prefix] scores, in RAM."""
+        hf = self.model_config.hf_config
+        H, inter = hf.hidden_size, getattr(hf, "intermediate_size", 4 * hf.hidden_size)
+        act = torch.empty((), dtype=self.model_config.dtype).element_size()
+        tokens = self.config.max_star_tokens
+        rows = min(tokens, self.max_running_requests or tokens)
+        per_token = (6 * H + 3 * inter) * act + 2 * H * 4
+        per_row = self.target.model_config.vocab_size * (8 if self.use_kernels else 20)
+        return tokens * per_token + rows * per_row
 
     def kv_layers(self) -> int:
         """Decoder layers the LenVM keeps KV for: all but the shared trunk."""
