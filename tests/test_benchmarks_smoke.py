@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import (
+    bench_serving_ratio,
     decision_frontier,
     latency,
     length_following,
@@ -30,7 +31,7 @@ from benchmarks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["latency", "length_following", "prediction", "tradeoff", "length_tokens",
-           "guided_overhead", "decision_frontier"]
+           "guided_overhead", "decision_frontier", "bench_serving_ratio"]
 
 
 def finite(x) -> bool:
@@ -154,6 +155,29 @@ def test_latency_smoke(server, models, tmp_path):
         assert set(by_pair) == {"guided_k3_vs_unguided", "unguided_vs_plain_sglang"}
         assert all(finite(v["output_tok_s"]) and v["output_tok_s"] > 0 for v in by_pair.values())
     assert data["plain_server"]["model"] and data["server"]["lenvm"]["gamma"]
+
+
+def test_bench_serving_ratio_smoke(server, tmp_path):
+    """SGLang's own load generator against the shared server: every request runs to its length,
+    and the server's counters show the guided run scored K candidates per token and the
+    unguided run none."""
+    out = tmp_path / "bench_serving.json"
+    bench_serving_ratio.main(["--base-url", server.url, "--num-prompts", "3", "--concurrency",
+                              "2", "--ks", "3", "--input-len", "8", "--output-len", "5",
+                              "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["machine"]["sglang"] and data["settings"]["ks"] == [3]
+    (scoring, levels), = data["scorings"].items()
+    assert scoring == "star" and set(levels) == {"2"}
+    lv = levels["2"]
+    for run in ("unguided", "guided_k3"):
+        assert lv[run]["completed"] == 3 and lv[run]["total_output_tokens"] == 15
+        assert finite(lv[run]["output_throughput"]) and lv[run]["output_throughput"] > 0
+        assert "--dataset-name random-ids" in lv[run]["command"]
+    assert lv["unguided"]["candidates_scored"] == 0
+    assert lv["guided_k3"]["candidates_scored"] == 3 * 5 * 3
+    assert lv["ratio_k3"] == pytest.approx(lv["guided_k3"]["output_throughput"]
+                                           / lv["unguided"]["output_throughput"])
 
 
 def test_guided_overhead_smoke(models, tmp_path):
