@@ -3,7 +3,7 @@
 # + its demo LenVM) on a CPU machine, at a modest size. Results go to benchmarks/results/.
 #   benchmarks/demo_suite.sh            # everything (about 1.5 hours on 2 CPU cores)
 #   benchmarks/demo_suite.sh latency    # one part: latency overhead following prediction
-#                                       # tradeoff tokens soak frontier onepass
+#                                       # tradeoff tokens soak frontier onepass serving
 # Timing runs (latency, overhead, soak) start their own servers and need a machine with no other load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,8 @@ for part in $parts; do
                 $P -m benchmarks.length_following --demo --limit 6 --targets 32 64 128 \
                   --runs lenvm --max-total-tokens 32768 \
                   --out $R/length_following_star_same_set.json ;;
+    serving)    $P -m benchmarks.bench_serving_ratio --demo --max-total-tokens 32768 \
+                  --concurrency 8 --ks 5 15 --num-prompts 32 ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done
