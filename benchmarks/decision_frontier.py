@@ -58,8 +58,9 @@ def _finite(x: float):
 
 
 def name_of(rule: dict) -> str:
-    return rule_name(rule["alpha"], _inf(rule["lambda"]), rule.get("mu", 0.0),
+    name = rule_name(rule["alpha"], _inf(rule["lambda"]), rule.get("mu", 0.0),
                      _inf(rule.get("nu")))
+    return name + (" guard={}x{}".format(*rule["repeat"]) if rule.get("repeat") else "")
 
 
 def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
@@ -79,13 +80,18 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
         lam = _inf(lenvm.get("equal_softness"))
         mu = lenvm.get("at_least_end_pull", 0.0)
         nu = _inf(lenvm.get("at_most_softness"))  # the server's own value, read back
+        # the repetition guard (--lenvm-repeat-ngram N, --lenvm-repeat-limit C; via
+        # --server-arg): [N, C], or None when it is off
+        repeat = ([lenvm["repeat_ngram"], lenvm["repeat_limit"]]
+                  if lenvm.get("repeat_ngram") else None)
         reqs = length_following.make_requests(rows, wording, sub, servers.model_name(url))
         errors = []
+        label = rule_name(alpha, lam, mu, nu) + (" guard={}x{}".format(*repeat) if repeat else "")
         records = parallel.parallel_map(lambda q: length_following.run_one(url, q), reqs,
-                                        args.concurrency, rule_name(alpha, lam, mu, nu), errors)
+                                        args.concurrency, label, errors)
     records = [r for r in records if r is not None]
     return {"alpha": alpha, "lambda": _finite(lam), "mu": mu, "nu": _finite(nu),
-            "server": server,
+            "repeat": repeat, "server": server,
             "summary": length_following.summarize(records, sub), "records": records,
             "errors": errors}
 

@@ -36,6 +36,10 @@ DEFAULT_AT_LEAST_END_PULL = 1.0
 # length runs past the budget (in ratio); inf: only candidates that fit (the hard rule).
 # 2 from the frontier in benchmarks/results/decision_frontier_at_most.json (README).
 DEFAULT_AT_MOST_SOFTNESS = 2.0
+# Guided rows may not write a token n-gram of this many tokens more than DEFAULT_REPEAT_LIMIT
+# times (runtime/repeat_guard.py: loops of a model kept writing); 0: no guard.
+DEFAULT_REPEAT_NGRAM = 0
+DEFAULT_REPEAT_LIMIT = 2
 # Tokens one star forward may hold (roots + candidates): a step with more splits its rows into
 # several forwards, so the scorer's workspace has a bound, charged to the KV budget at start.
 DEFAULT_MAX_STAR_TOKENS = 4096
@@ -80,6 +84,9 @@ class LenVMConfig:
     at_least_end_pull: float = DEFAULT_AT_LEAST_END_PULL
     # at_most: lambda of the soft rule (inf: only candidates predicted to fit)
     at_most_softness: float = DEFAULT_AT_MOST_SOFTNESS
+    # guided rows: no token n-gram of repeat_ngram tokens more than repeat_limit times (0: off)
+    repeat_ngram: int = DEFAULT_REPEAT_NGRAM
+    repeat_limit: int = DEFAULT_REPEAT_LIMIT
     # tokens per star forward (more: the step's rows are split into several forwards)
     max_star_tokens: int = DEFAULT_MAX_STAR_TOKENS
     # see SCORINGS
@@ -116,6 +123,12 @@ class LenVMConfig:
             raise ValueError(f"--lenvm-max-star-tokens must hold one request's largest tree "
                              f"(root + {self.max_top_k} candidates + a stop slot = "
                              f"{self.max_top_k + 2}), got {self.max_star_tokens}")
+        from sglang_lenvm.runtime.repeat_guard import WINDOW
+        if not 0 <= self.repeat_ngram <= WINDOW:
+            raise ValueError(f"--lenvm-repeat-ngram must be in [0, {WINDOW}] (0: no guard), "
+                             f"got {self.repeat_ngram}")
+        if self.repeat_limit < 1:
+            raise ValueError(f"--lenvm-repeat-limit must be >= 1, got {self.repeat_limit}")
         if not self.at_most_softness >= 0.0:
             raise ValueError(f"--lenvm-at-most-softness must be >= 0 (inf: only candidates "
                              f"that fit), got {self.at_most_softness}")

@@ -26,6 +26,8 @@ from sglang_lenvm.config import (
     DEFAULT_EQUAL_MAX_OVERSHOOT,
     DEFAULT_EQUAL_SOFTNESS,
     DEFAULT_PLAUSIBILITY,
+    DEFAULT_REPEAT_LIMIT,
+    DEFAULT_REPEAT_NGRAM,
     DEFAULT_GAMMA,
     DEFAULT_SCORING,
     DEFAULT_TOP_K,
@@ -76,6 +78,13 @@ def _our_parser() -> argparse.ArgumentParser:
                         "predicted length runs past the budget ('inf': only candidates "
                         "predicted to fit, else the shortest); the last token is always a stop "
                         "token")
+    g.add_argument("--lenvm-repeat-ngram", type=int, default=DEFAULT_REPEAT_NGRAM, metavar="N",
+                   help="guided requests may not write a token n-gram of N tokens more than "
+                        "--lenvm-repeat-limit times: the tokens that would are removed from "
+                        "the candidates (loops of a model kept writing); 0: no guard")
+    g.add_argument("--lenvm-repeat-limit", type=int, default=DEFAULT_REPEAT_LIMIT, metavar="C",
+                   help="how many times one n-gram of --lenvm-repeat-ngram tokens may occur in "
+                        "a guided output")
     g.add_argument("--lenvm-max-star-tokens", type=int, default=DEFAULT_MAX_STAR_TOKENS,
                    metavar="N",
                    help="tokens one LenVM star forward may hold (each guided request's root "
@@ -213,6 +222,8 @@ def prepare(argv: List[str]):
                              equal_softness=ours.lenvm_equal_softness,
                              at_least_end_pull=ours.lenvm_at_least_end_pull,
                              at_most_softness=ours.lenvm_at_most_softness,
+                             repeat_ngram=ours.lenvm_repeat_ngram,
+                             repeat_limit=ours.lenvm_repeat_limit,
                              max_star_tokens=ours.lenvm_max_star_tokens,
                              scoring=ours.lenvm_scoring,
                              shared_trunk=ours.lenvm_shared_trunk,

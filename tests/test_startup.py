@@ -68,6 +68,8 @@ def test_bad_flags_are_refused(models, capsys):
     ("--lenvm-at-most-softness", "-0.5", "--lenvm-at-most-softness must be >= 0"),
     ("--lenvm-max-star-tokens", "10", "--lenvm-max-star-tokens must hold one request's largest tree"),
     ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
+    ("--lenvm-repeat-ngram", "-1", "--lenvm-repeat-ngram must be in [0, 256]"),
+    ("--lenvm-repeat-limit", "0", "--lenvm-repeat-limit must be >= 1"),
     ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")])
 def test_bad_rule_flags_are_refused(models, flag, value, message):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),

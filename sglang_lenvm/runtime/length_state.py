@@ -25,7 +25,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from sglang_lenvm.runtime import faults
+from sglang_lenvm.runtime import faults, repeat_guard
 from sglang_lenvm.runtime.attached import fault_of, params_of
 from sglang_lenvm.schema import MODE_NONE, NEVER, equal_stop_length
 
@@ -92,6 +92,9 @@ class LengthState:
     # device for the step, and a CPU copy so that steps with no row near it skip the extra slot.
     equal_stop_seq_len: torch.Tensor = _row(DEVICE)  # int64
     equal_stop_seq_len_cpu: torch.Tensor = _row(CPU)  # int64, on the CPU
+    # The last repeat_guard.WINDOW output tokens (a ring buffer, -1 empty) for the repetition
+    # guard; written in place by each decode step (repeat_guard.record).
+    recent: torch.Tensor = _row(DEVICE)  # int64 [bs, WINDOW]
     steer_flag: torch.Tensor = _row(DEVICE)  # bool: `steer` on the device (quarantined rows
     # keep True here, but are never among the rows a step scores)
     # Device index tensors of row lists, made once per state (a state lives as long as its
@@ -197,6 +200,7 @@ class LengthState:
             equal_stop_seq_len=stop_seq.to(settings.device, non_blocking=True),
             equal_stop_seq_len_cpu=stop_seq,
             steer_flag=dev(col("steer"), torch.bool),
+            recent=dev(col("history"), torch.int64),
         )
 
     @classmethod
@@ -244,14 +248,14 @@ class LengthState:
     def _concat(self, other: "LengthState") -> "LengthState":
         width = max(self.stop_ids.shape[1], other.stop_ids.shape[1])
 
-        def cat(a, b):
-            if a.dim() == 2:  # stop_ids: pad to the wider row
+        def cat(name, a, b):
+            if name == "stop_ids":  # pad to the wider row
                 a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1)
                         for t in (a, b))
             return torch.cat([a, b])
 
         new = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in _fields(HOST)}
-        new.update({f.name: cat(getattr(self, f.name), getattr(other, f.name))
+        new.update({f.name: cat(f.name, getattr(self, f.name), getattr(other, f.name))
                     for f in _fields(DEVICE) + _fields(CPU)})
         return dataclasses.replace(self, num_candidates=max(self.num_candidates,
                                                             other.num_candidates), **new)
@@ -295,11 +299,16 @@ class _Row(NamedTuple):
     final_chunk: bool
     equal_stop_seq_len: int
     prompt_len: int
+    history: List[int]  # repeat_guard.history_row of the output so far
+
+
+_EMPTY_HISTORY = [-1] * repeat_guard.WINDOW
 
 
 def _idle_row(req) -> _Row:
     prompt = len(req.origin_input_ids) if req is not None else 0
-    return _Row(None, False, False, False, MODE_NONE, 0, 0, 0.0, False, [], True, NEVER, prompt)
+    return _Row(None, False, False, False, MODE_NONE, 0, 0, 0.0, False, [], True, NEVER, prompt,
+                _EMPTY_HISTORY)
 
 
 def _row_values(req, settings: Settings, phase: str) -> _Row:
@@ -316,7 +325,14 @@ def _row_values(req, settings: Settings, phase: str) -> _Row:
         limit = equal_stop_length(p.target, settings.equal_max_overshoot)
         stop_seq = NEVER if limit == NEVER else prompt + limit - 1
     return _Row(req, True, p.steers, p.return_values, p.mode_code, k, p.target or 0, p.beta,
-                p.greedy, request_stop_ids(req), _final_chunk(req), stop_seq, prompt)
+                p.greedy, request_stop_ids(req), _final_chunk(req), stop_seq, prompt,
+                _history(req))
+
+
+def _history(req) -> List[int]:
+    """The request's output so far (a state built mid-generation: a retracted request)."""
+    out = getattr(req, "output_ids", None)
+    return repeat_guard.history_row(out) if out else _EMPTY_HISTORY
 
 
 def merge_optional(a: Optional[LengthState], a_reqs, b: Optional[LengthState], b_reqs,

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-from sglang_lenvm.runtime import faults
+from sglang_lenvm.runtime import faults, repeat_guard
 from sglang_lenvm.runtime.attached import fault_of
 from sglang_lenvm.runtime.decision import (
     Candidates,
@@ -219,6 +219,14 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
         generated = seq_lens - st.prompt_len
         at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
         mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
+    if worker.config.repeat_ngram:
+        generated = seq_lens - st.prompt_len
+        if forward_batch.forward_mode.is_decode():
+            repeat_guard.record(state.recent, index, generated, forward_batch.input_ids[index])
+        history = repeat_guard.ordered(state.recent[index], generated)
+        repeat_guard.mask_repeats(row_logits, history, steer,
+                                  worker.config.repeat_ngram, worker.config.repeat_limit,
+                                  spare=worker.partial_tokens)
     cand, probs_of = _candidates(worker, row_logits, temps, st, sampling_info, index,
                                  state.num_candidates)
     cand.valid &= steer.view(-1, 1)

@@ -38,6 +38,9 @@ def worker_stats(worker, scheduler) -> dict:
         # null: inf, only candidates predicted to fit (the hard rule)
         "at_most_softness": (worker.config.at_most_softness
                              if math.isfinite(worker.config.at_most_softness) else None),
+        # guided rows: no token n-gram of this many tokens more than repeat_limit times (0: off)
+        "repeat_ngram": worker.config.repeat_ngram,
+        "repeat_limit": worker.config.repeat_limit,
         **worker.stats,
         **faults.counters,  # LenVM failures isolated, requests that went on unguided
         # calls that would stall a GPU's host in the step path (tests: sync_guard.py), or null

@@ -28,6 +28,7 @@ import torch
 
 from sglang_lenvm.checkpoint import inspect_checkpoint
 from sglang_lenvm.config import LenVMConfig, resolve_gamma
+from sglang_lenvm.runtime import repeat_guard
 from sglang_lenvm.runtime.star_attention import StarAttentionBackend, StarMeta
 from sglang_lenvm.runtime.tensor_parallel import Agreement
 
@@ -76,6 +77,12 @@ class LenVMWorker:
         # to test the wiring end to end; =torch forces the torch path.
         choice = os.environ.get("SGLANG_LENVM_KERNELS", "auto")
         self.use_kernels = choice == "triton" or (choice == "auto" and self.device != "cpu")
+        # Tokens the repetition guard never bans (parts of a character; repeat_guard.py).
+        self.partial_tokens = None
+        if config.repeat_ngram:
+            self.partial_tokens = repeat_guard.partial_tokens(
+                getattr(scheduler, "tokenizer", None), target.model_config.vocab_size,
+                self.device)
         self.star_backend: Optional[StarAttentionBackend] = None
         self.max_running_requests = server_args.max_running_requests  # None: SGLang's choice
         # Counters for /lenvm/stats (host ints: no device sync to maintain them).

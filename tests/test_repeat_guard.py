@@ -1,0 +1,163 @@
+"""The repetition guard's tensors against a plain-Python n-gram count."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from sglang_lenvm.runtime import repeat_guard
+from sglang_lenvm.runtime.repeat_guard import WINDOW
+
+
+def reference_banned(output, n, limit, vocab):
+    """Tokens x for which (last n-1 tokens of the window, x) already occurs `limit` times."""
+    window = output[-WINDOW:]
+    grams = Counter(tuple(window[i:i + n]) for i in range(len(window) - n + 1))
+    tail = tuple(window[len(window) - n + 1:]) if n > 1 else ()
+    if len(tail) != n - 1:
+        return set()
+    return {x for x in range(vocab) if grams[tail + (x,)] >= limit}
+
+
+def ring(outputs):
+    recent = torch.full((len(outputs), WINDOW), -1, dtype=torch.int64)
+    rows = torch.arange(len(outputs))
+    # Written the way decode steps write it: one token per step, at its own position.
+    for t in range(max(len(o) for o in outputs)):
+        live = [i for i, o in enumerate(outputs) if t < len(o)]
+        idx = torch.tensor(live)
+        repeat_guard.record(recent, idx, torch.full((len(live),), t + 1),
+                            torch.tensor([outputs[i][t] for i in live]))
+    return recent, rows
+
+
+@pytest.mark.parametrize("n,limit", [(1, 3), (2, 1), (3, 2), (4, 2)])
+def test_banned_matches_python_counts(n, limit):
+    rng = random.Random(n * 10 + limit)
+    vocab = 6
+    outputs = [[rng.randrange(vocab) for _ in range(length)]
+               for length in (0, 2, 7, 40, WINDOW + 37)]
+    outputs += [[1, 2, 3] * 30]  # a loop
+    recent, _ = ring(outputs)
+    generated = torch.tensor([len(o) for o in outputs])
+    history = repeat_guard.ordered(recent, generated)
+    for i, o in enumerate(outputs):  # the ring, in order, is the last WINDOW tokens
+        want = o[-WINDOW:]
+        assert history[i, WINDOW - len(want):].tolist() == want
+        assert (history[i, : WINDOW - len(want)] == -1).all()
+    got = repeat_guard.banned(history, n, limit, vocab)
+    for i, o in enumerate(outputs):
+        assert set(got[i].nonzero().view(-1).tolist()) == reference_banned(o, n, limit, vocab)
+    # The loop ends "... 1 2 3": whatever n, going on with "1" repeats it a 30th time.
+    assert got[-1].nonzero().view(-1).tolist() == ([1, 2, 3] if n == 1 else [1])
+
+
+def test_history_row_is_what_decode_steps_write():
+    out = list(range(WINDOW + 10))
+    recent, _ = ring([out])
+    assert repeat_guard.history_row(out) == recent[0].tolist()
+    assert repeat_guard.history_row([5, 6]) == [5, 6] + [-1] * (WINDOW - 2)
+
+
+def test_record_twice_and_before_any_output():
+    recent = torch.full((2, WINDOW), -1, dtype=torch.int64)
+    rows, tokens = torch.tensor([0, 1]), torch.tensor([7, 8])
+    repeat_guard.record(recent, rows, torch.tensor([3, 0]), tokens)
+    repeat_guard.record(recent, rows, torch.tensor([3, 0]), tokens)  # idempotent
+    assert recent[0, 2] == 7 and (recent[0, torch.arange(WINDOW) != 2] == -1).all()
+    assert (recent[1] == -1).all()  # generated 0: a prefill's input is no output token
+
+
+def test_mask_repeats_rows_spare_and_never_empty():
+    history = torch.tensor([[-1, 1, 2, 1, 2, 1, 2], [-1, 1, 2, 1, 2, 1, 2],
+                            [-1, 1, 2, 1, 2, 1, 2], [-1, -1, -1, -1, -1, -1, 3]])
+    logits = torch.zeros(4, 5)
+    logits[2, :] = float("-inf")
+    logits[2, 1] = 0.0  # a grammar that allows only the repeat
+    rows = torch.tensor([True, False, True, True])
+    spare = torch.tensor([False, False, False, False, True])
+    repeat_guard.mask_repeats(logits, history, rows, 2, 2, spare=spare)
+    # Row 0: "2 1" occurred twice, so 1 is banned after "... 2"
+    assert torch.isinf(logits[0, 1]) and torch.isfinite(logits[0, [0, 2, 3, 4]]).all()
+    assert torch.isfinite(logits[1]).all()  # not a guided row
+    assert logits[2, 1] == 0.0  # left alone rather than emptied
+    assert torch.isfinite(logits[3]).all()  # nothing repeated
+    # A spare token (part of a character) is never banned.
+    h = torch.tensor([[4, 4, 4, 4]])
+    lg = torch.zeros(1, 5)
+    repeat_guard.mask_repeats(lg, h, torch.tensor([True]), 1, 2, spare=spare)
+    assert torch.isfinite(lg).all()
+    repeat_guard.mask_repeats(lg, h, torch.tensor([True]), 1, 2)
+    assert torch.isinf(lg[0, 4])
+
+
+def test_partial_tokens_from_a_byte_level_tokenizer():
+    class Bytes:  # token i is byte i, decoded as UTF-8 (what a byte-level BPE does)
+        def __len__(self):
+            return 256
+
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    part = repeat_guard.partial_tokens(Bytes(), 300, "cpu")
+    assert part.shape == (300,)
+    assert not part[ord("a")] and part[0xE4] and part[0x80]
+    assert not part[256:].any()  # past the tokenizer: padding rows, never sampled
+    assert repeat_guard.partial_tokens(None, 10, "cpu") is None
+
+
+# ---- end to end: the guard in a server --------------------------------------------------
+
+PROMPTS = ["abc", "xyzzy", "hello", "ABCdef", "the cat", "qqq", "lorem ipsum", "zz top"]
+
+
+def worst_repeat(ids, n=3):
+    return max(Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)).values())
+
+
+@pytest.fixture(scope="module")
+def repeat_server(models, tmp_path_factory):
+    """The oracle pair with the repetition guard on: no token 3-gram 3 times."""
+    from sglang_lenvm.testing.server_process import Server
+
+    s = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "oracle"),
+                "--lenvm-repeat-ngram", "3", "--lenvm-repeat-limit", "2"],
+               tmp_path_factory.mktemp("logs") / "repeat.log")
+    yield s
+    s.stop()
+
+
+def _gen(server, text, **sp):
+    r = server.post("/generate", {"text": text, "sampling_params": sp})
+    assert r.status_code == 200, r.text
+    return r.json()["output_ids"]
+
+
+def test_guided_outputs_do_not_loop_and_unguided_ones_are_untouched(repeat_server,
+                                                                     oracle_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(PROMPTS)) as ex:
+        plain = list(ex.map(lambda p: _gen(repeat_server, p, max_new_tokens=150,
+                                           temperature=0, ignore_eos=True), PROMPTS))
+        guided = list(ex.map(lambda p: _gen(repeat_server, p, max_new_tokens=150,
+                                            temperature=0, length_target=150,
+                                            length_mode="at_least"), PROMPTS))
+        sampled = list(ex.map(lambda p: _gen(repeat_server, p, max_new_tokens=150,
+                                             temperature=1.0, length_target=40), PROMPTS))
+    # The random base model loops when it is kept writing (greedy, no stop token): the guard
+    # has something to remove.
+    assert plain == [_gen(oracle_server, p, max_new_tokens=150, temperature=0, ignore_eos=True)
+                     for p in PROMPTS]
+    assert max(worst_repeat(o) for o in plain) > 2, [worst_repeat(o) for o in plain]
+    # Without the guard the same guided requests loop (the oracle server is the same pair).
+    assert max(worst_repeat(_gen(oracle_server, p, max_new_tokens=150, temperature=0,
+                                 length_target=150, length_mode="at_least"))
+               for p in PROMPTS) > 2
+    for o in guided:
+        assert len(o) == 150 and worst_repeat(o) <= 2, o
+    for o in sampled:
+        assert worst_repeat(o) <= 2, o
+    stats = repeat_server.get("/lenvm/stats").json()[0]
+    assert stats["repeat_ngram"] == 3 and stats["repeat_limit"] == 2
