@@ -60,7 +60,8 @@ def _finite(x: float):
 def name_of(rule: dict) -> str:
     name = rule_name(rule["alpha"], _inf(rule["lambda"]), rule.get("mu", 0.0),
                      _inf(rule.get("nu")))
-    return name + (" guard={}x{}".format(*rule["repeat"]) if rule.get("repeat") else "")
+    name += " guard={}x{}".format(*rule["repeat"]) if rule.get("repeat") else ""
+    return name + (" [{}]".format(rule["label"].split(",")[0]) if rule.get("label") else "")
 
 
 def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:

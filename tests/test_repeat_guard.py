@@ -69,42 +69,87 @@ def test_record_twice_and_before_any_output():
     assert (recent[1] == -1).all()  # generated 0: a prefill's input is no output token
 
 
-def test_mask_repeats_rows_spare_and_never_empty():
+def plain_classes(vocab):
+    return repeat_guard.token_classes(None, vocab, "cpu")
+
+
+def test_mask_repeats_rows_and_never_empty():
     history = torch.tensor([[-1, 1, 2, 1, 2, 1, 2], [-1, 1, 2, 1, 2, 1, 2],
                             [-1, 1, 2, 1, 2, 1, 2], [-1, -1, -1, -1, -1, -1, 3]])
     logits = torch.zeros(4, 5)
     logits[2, :] = float("-inf")
     logits[2, 1] = 0.0  # a grammar that allows only the repeat
     rows = torch.tensor([True, False, True, True])
-    spare = torch.tensor([False, False, False, False, True])
-    repeat_guard.mask_repeats(logits, history, rows, 2, 2, spare=spare)
+    repeat_guard.mask_repeats(logits, history, rows, 2, 2, plain_classes(5))
     # Row 0: "2 1" occurred twice, so 1 is banned after "... 2"
     assert torch.isinf(logits[0, 1]) and torch.isfinite(logits[0, [0, 2, 3, 4]]).all()
     assert torch.isfinite(logits[1]).all()  # not a guided row
     assert logits[2, 1] == 0.0  # left alone rather than emptied
     assert torch.isfinite(logits[3]).all()  # nothing repeated
-    # A spare token (part of a character) is never banned.
-    h = torch.tensor([[4, 4, 4, 4]])
-    lg = torch.zeros(1, 5)
-    repeat_guard.mask_repeats(lg, h, torch.tensor([True]), 1, 2, spare=spare)
-    assert torch.isfinite(lg).all()
-    repeat_guard.mask_repeats(lg, h, torch.tensor([True]), 1, 2)
-    assert torch.isinf(lg[0, 4])
 
 
-def test_partial_tokens_from_a_byte_level_tokenizer():
-    class Bytes:  # token i is byte i, decoded as UTF-8 (what a byte-level BPE does)
-        def __len__(self):
-            return 256
+class ByteLevel:
+    """A byte-level BPE vocabulary in GPT-2's alphabet: ids 0-255 are the bytes, then words."""
 
-        def decode(self, ids):
-            return bytes(ids).decode("utf-8", errors="replace")
+    WORDS = ["the", "\u0120the", "\u0120The", "The", "\u0120answer", "\u0120Answer", "\u0120is",
+             "\u010a", "\u0120\u0120"]
 
-    part = repeat_guard.partial_tokens(Bytes(), 300, "cpu")
-    assert part.shape == (300,)
-    assert not part[ord("a")] and part[0xE4] and part[0x80]
-    assert not part[256:].any()  # past the tokenizer: padding rows, never sampled
-    assert repeat_guard.partial_tokens(None, 10, "cpu") is None
+    def __init__(self):
+        table = {b: ch for ch, b in repeat_guard._byte_alphabet().items()}
+        self.pieces = [table[b] for b in range(256)] + self.WORDS
+        self.alphabet = repeat_guard._byte_alphabet()
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+    def decode(self, ids):
+        raw = b"".join(bytes(self.alphabet[c] for c in self.pieces[i]) for i in ids)
+        return raw.decode("utf-8", errors="replace")
+
+
+def test_token_classes_of_a_byte_level_tokenizer():
+    tok = ByteLevel()
+    cl = repeat_guard.token_classes(tok, len(tok) + 4, "cpu")
+    word = {w: 256 + i for i, w in enumerate(ByteLevel.WORDS)}
+    # Case and leading whitespace do not make another word: one class, its smallest id.
+    the = [word[w] for w in ("the", "\u0120the", "\u0120The", "The")]
+    assert cl.canon[the].tolist() == [the[0]] * 4
+    assert cl.canon[word["\u0120answer"]] == cl.canon[word["\u0120Answer"]] == word["\u0120answer"]
+    assert cl.canon[word["\u0120is"]] == word["\u0120is"]
+    # Whitespace-only tokens and padding rows past the tokenizer stay their own class.
+    assert cl.canon[word["\u010a"]] == word["\u010a"] and cl.canon[len(tok) + 2] == len(tok) + 2
+    # Bytes: ASCII letters are classes of their own case ("a" and "A" are one class); a
+    # character's first byte is bannable, a continuation byte is not.
+    assert cl.canon[ord("A")] == cl.canon[ord("a")] == ord("A")
+    assert cl.continues[0x80] and cl.continues[0xBD] and not cl.continues[0xE7]
+    assert not cl.continues[ord("a")] and not cl.continues[word["\u0120the"]]
+    assert not cl.continues[256 + len(ByteLevel.WORDS):].any()
+
+
+def test_classes_make_case_variants_one_phrase_and_spare_continuations():
+    tok = ByteLevel()
+    cl = repeat_guard.token_classes(tok, len(tok), "cpu")
+    w = {x: 256 + i for i, x in enumerate(ByteLevel.WORDS)}
+    # "The answer is ... the Answer is ... The answer" -> " is" would be the third time.
+    out = [w["The"], w["\u0120answer"], w["\u0120is"], ord("."), w["\u0120the"],
+           w["\u0120Answer"], w["\u0120is"], ord("."), w["\u0120The"], w["\u0120answer"]]
+    history = torch.tensor([[-1] * 4 + out])
+    logits = torch.zeros(1, len(tok))
+    repeat_guard.mask_repeats(logits, history, torch.tensor([True]), 3, 2, cl)
+    assert torch.isinf(logits[0, w["\u0120is"]]) and torch.isfinite(logits[0, ord(".")])
+    # 白 (E7 99 BD) twice, then E7 99: BD would be its third time but continues a character.
+    hist = torch.tensor([[-1, 0xE7, 0x99, 0xBD, 0xE7, 0x99, 0xBD, 0xE7, 0x99]])
+    logits = torch.zeros(1, len(tok))
+    repeat_guard.mask_repeats(logits, hist, torch.tensor([True]), 3, 2, cl)
+    assert torch.isfinite(logits).all()
+    # ... and after 白白, a third character starting with E7 after "99 BD" is banned at E7.
+    hist = torch.tensor([[-1, 0xE7, 0x99, 0xBD, 0xE7, 0x99, 0xBD, 0xE7, 0x99, 0xBD]])
+    logits = torch.zeros(1, len(tok))
+    repeat_guard.mask_repeats(logits, hist, torch.tensor([True]), 3, 2, cl)
+    assert torch.isinf(logits[0, 0xE7]) and torch.isfinite(logits[0, ord("a")])
 
 
 # ---- end to end: the guard in a server --------------------------------------------------

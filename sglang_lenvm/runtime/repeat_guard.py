@@ -19,6 +19,8 @@ writes twice writes the same thing. Positions derive from seq_len, as `generated
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -39,7 +41,7 @@ def history_row(output_ids: Sequence[int]) -> list[int]:
 def record(recent: torch.Tensor, rows: torch.Tensor, generated: torch.Tensor,
            tokens: torch.Tensor) -> None:
     """In place: output token number `generated - 1` of each row is `tokens` (decode inputs)."""
-    pos = (generated - 1).clamp_min(0) % WINDOW
+    pos = (generated - 1).clamp_min(0) % WINDOW  # (tokens: their classes, TokenClasses.canon)
     keep = generated >= 1
     old = recent[rows, pos]
     recent.index_put_((rows, pos), torch.where(keep, tokens.to(recent.dtype), old))
@@ -74,37 +76,89 @@ def banned(history: torch.Tensor, n: int, limit: int, vocab: int) -> torch.Tenso
     return counts[:, :vocab] >= limit
 
 
-def partial_tokens(tokenizer, vocab: int, device) -> Optional[torch.Tensor]:
-    """[vocab] True for tokens that are part of a character, not a whole one (byte-level BPE
-    splits most CJK characters into two or three byte tokens; they decode to U+FFFD alone).
+@dataclasses.dataclass(frozen=True)
+class TokenClasses:
+    """How the guard reads tokens, made once from the tokenizer.
 
-    The guard never bans them: banning the second byte of a character whose first byte is
-    written would only swap the character for another one, or for an invalid byte sequence.
-    The n-grams still count them; a loop is cut at its next whole token.
+    - `canon` [V]: the class a token counts as: tokens that differ only in case and surrounding
+      whitespace (" The", "the", "The") are one class, so "The answer is ... the answer is"
+      repeats a phrase as a reader sees it. The class id is the smallest token id of the class.
+    - `continues` [V]: tokens that continue a character (byte-level BPE splits most CJK
+      characters into byte tokens; these start with a UTF-8 continuation byte). They are never
+      banned: once a character's first byte is written, banning its second would only swap the
+      character for another one, or for an invalid byte sequence. They still count in the
+      n-grams, and the guard acts at the next character's first byte.
     """
-    if tokenizer is None:
-        return None
-    out = torch.zeros(vocab, dtype=torch.bool)
-    for i in range(min(vocab, len(tokenizer))):
-        try:
-            text = tokenizer.decode([i])
-        except Exception:  # noqa: BLE001 - an undecodable id is no whole character either
-            text = "\ufffd"
-        out[i] = "\ufffd" in text
-    return out.to(device)
+
+    canon: torch.Tensor  # int64 [V]
+    continues: torch.Tensor  # bool [V]
+
+
+def _byte_alphabet() -> dict:
+    """GPT-2's byte-to-character table, inverted: byte-level BPE token strings -> bytes."""
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+            + list(range(ord("\xae"), ord("\xff") + 1)))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
+
+
+def _token_bytes(piece: str, alphabet: dict) -> Optional[bytes]:
+    m = _BYTE_TOKEN.fullmatch(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    if piece and all(ch in alphabet for ch in piece):
+        return bytes(alphabet[ch] for ch in piece)
+    return None
+
+
+def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
+    """`TokenClasses` of a tokenizer (None: every token is its own class, none continues)."""
+    canon = list(range(vocab))
+    continues = [False] * vocab
+    if tokenizer is not None:
+        n = min(vocab, len(tokenizer))
+        pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+        alphabet = _byte_alphabet()
+        first: dict = {}
+        for i, piece in enumerate(pieces):
+            raw = _token_bytes(piece, alphabet) if isinstance(piece, str) else None
+            if raw is not None:
+                continues[i] = bool(raw) and 0x80 <= raw[0] <= 0xBF
+                text = raw.decode("utf-8", errors="replace")
+            else:
+                try:
+                    text = tokenizer.decode([i])
+                except Exception:  # noqa: BLE001 - an undecodable id is its own class
+                    continue
+                continues[i] = "\ufffd" in text  # no bytes to look at: never ban a fragment
+            key = text.strip().lower()
+            if key and "\ufffd" not in key:
+                canon[i] = first.setdefault(key, i)
+    return TokenClasses(torch.tensor(canon, dtype=torch.int64, device=device),
+                        torch.tensor(continues, dtype=torch.bool, device=device))
 
 
 def mask_repeats(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor, n: int,
-                 limit: int, spare: Optional[torch.Tensor] = None) -> None:
-    """In place: -inf on the tokens `banned` names, in the rows where `rows` is True; tokens
-    where `spare` [V] is True are never banned.
+                 limit: int, classes: TokenClasses) -> None:
+    """In place: -inf on the tokens whose class `banned` names (over the history's classes), in the
+    rows where `rows` is True; tokens that continue a character are never banned.
 
     A row that would be left with no finite logit (a grammar that allows only the repeat) is
     left alone: the guard never makes a request impossible.
     """
-    ban = banned(history, n, limit, logits.shape[1]) & rows.view(-1, 1)
-    if spare is not None:
-        ban &= ~spare[: logits.shape[1]].view(1, -1)
+    V = logits.shape[1]
+    canon = classes.canon[:V]
+    history = torch.where(history >= 0, canon[history.clamp(0, V - 1)], history)
+    ban = banned(history, n, limit, V)[:, canon]
+    ban &= rows.view(-1, 1) & ~classes.continues[:V].view(1, -1)
     masked = logits.masked_fill(ban, NEG_INF)
     still_finite = torch.isfinite(masked).any(dim=1, keepdim=True)
     logits.copy_(torch.where(still_finite, masked, logits))

@@ -226,7 +226,7 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
         history = repeat_guard.ordered(state.recent[index], generated)
         repeat_guard.mask_repeats(row_logits, history, steer,
                                   worker.config.repeat_ngram, worker.config.repeat_limit,
-                                  spare=worker.partial_tokens)
+                                  worker.token_classes)
     cand, probs_of = _candidates(worker, row_logits, temps, st, sampling_info, index,
                                  state.num_candidates)
     cand.valid &= steer.view(-1, 1)

@@ -77,10 +77,10 @@ class LenVMWorker:
         # to test the wiring end to end; =torch forces the torch path.
         choice = os.environ.get("SGLANG_LENVM_KERNELS", "auto")
         self.use_kernels = choice == "triton" or (choice == "auto" and self.device != "cpu")
-        # Tokens the repetition guard never bans (parts of a character; repeat_guard.py).
-        self.partial_tokens = None
+        # How the repetition guard reads tokens (repeat_guard.TokenClasses).
+        self.token_classes = None
         if config.repeat_ngram:
-            self.partial_tokens = repeat_guard.partial_tokens(
+            self.token_classes = repeat_guard.token_classes(
                 getattr(scheduler, "tokenizer", None), target.model_config.vocab_size,
                 self.device)
         self.star_backend: Optional[StarAttentionBackend] = None
