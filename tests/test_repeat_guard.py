@@ -163,12 +163,14 @@ def worst_repeat(ids, n=3):
 
 @pytest.fixture(scope="module")
 def repeat_server(models, tmp_path_factory):
-    """The oracle pair with the repetition guard on: no token 3-gram 3 times."""
+    """The oracle pair with the repetition guard on (no token 3-gram 3 times), and the
+    host-sync guard (tests/test_sync_guard.py)."""
+    from sglang_lenvm.runtime import sync_guard
     from sglang_lenvm.testing.server_process import Server
 
     s = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "oracle"),
                 "--lenvm-repeat-ngram", "3", "--lenvm-repeat-limit", "2"],
-               tmp_path_factory.mktemp("logs") / "repeat.log")
+               tmp_path_factory.mktemp("logs") / "repeat.log", env={sync_guard.ENV_VAR: "1"})
     yield s
     s.stop()
 
@@ -206,3 +208,4 @@ def test_guided_outputs_do_not_loop_and_unguided_ones_are_untouched(repeat_serve
         assert worst_repeat(o) <= 2, o
     stats = repeat_server.get("/lenvm/stats").json()[0]
     assert stats["repeat_ngram"] == 3 and stats["repeat_limit"] == 2
+    assert stats["host_syncs"] == 0  # the guard's step adds no host-device sync
