@@ -43,7 +43,18 @@ for part in $parts; do
                   --out $R/decision_frontier_bounds.json
                 $F --lifebench "${LIFEBENCH:?set LIFEBENCH to data_lite_no_summary.jsonl}" \
                   --limit 6 --targets 16 64 128 --modes equal --rules 0:inf 0.1:16 \
-                  --out $R/decision_frontier_lifebench_equal.json ;;
+                  --server-arg=--lenvm-repeat-ngram --server-arg=0 \
+                  --out $R/decision_frontier_lifebench_equal.json
+                # The repetition guard, on (3 x 2, the default) and off, appended per mode.
+                G="--limit 12 --targets 16 64 128 --server-arg=--lenvm-repeat-ngram"
+                $F $G --server-arg=3 --modes equal --append --rules 0.1:16 \
+                  --out $R/decision_frontier_equal.json
+                $F $G --server-arg=0 --modes at_least --rules 0.1:16:1:2 \
+                  --out $R/decision_frontier_at_least.json
+                $F $G --server-arg=3 --modes at_least --append --rules 0.1:16:1:2 \
+                  --out $R/decision_frontier_at_least.json
+                $F $G --server-arg=3 --modes at_most --append --rules 0.1:16:1:2 \
+                  --out $R/decision_frontier_at_most.json ;;
     onepass)    O="--server-arg=--lenvm-scoring --server-arg=one-pass"
                 $P -m benchmarks.latency --demo $O --no-plain --max-total-tokens 32768 \
                   --concurrency 1 8 32 --ks 5 15 --tokens 64 --rounds 1 --max-position 0 \

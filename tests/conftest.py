@@ -76,7 +76,7 @@ def oracle_server(models, tmp_path_factory):
 # (against real servers on the tiny models), `-m slow` (everything else that takes time:
 # building models, training, Triton interpreter children, the Engine, the demo pair).
 SERVER_FIXTURES = {"server", "oracle_server", "fault_server", "one_pass_server",
-                   "oracle_one_pass_server", "trunk_server", "repeat_server"}
+                   "oracle_one_pass_server", "trunk_server", "unguarded_server"}
 SLOW_FIXTURES = {"models"}
 SLOW_MODULES = {"test_engine", "test_demo", "test_train_e2e", "test_train", "test_startup",
                 "test_kernel_bench_smoke", "test_kernel_compile", "test_generate_data"}

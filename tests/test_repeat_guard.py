@@ -162,15 +162,14 @@ def worst_repeat(ids, n=3):
 
 
 @pytest.fixture(scope="module")
-def repeat_server(models, tmp_path_factory):
-    """The oracle pair with the repetition guard on (no token 3-gram 3 times), and the
-    host-sync guard (tests/test_sync_guard.py)."""
-    from sglang_lenvm.runtime import sync_guard
+def unguarded_server(models, tmp_path_factory):
+    """The oracle pair with the repetition guard off; conftest's oracle_server has it on (the
+    default, --lenvm-repeat-ngram 3, --lenvm-repeat-limit 2) and the host-sync guard."""
     from sglang_lenvm.testing.server_process import Server
 
     s = Server(["--model-path", str(models / "cbase"), "--lenvm-path", str(models / "oracle"),
-                "--lenvm-repeat-ngram", "3", "--lenvm-repeat-limit", "2"],
-               tmp_path_factory.mktemp("logs") / "repeat.log", env={sync_guard.ENV_VAR: "1"})
+                "--lenvm-repeat-ngram", "0"],
+               tmp_path_factory.mktemp("logs") / "unguarded.log")
     yield s
     s.stop()
 
@@ -181,31 +180,27 @@ def _gen(server, text, **sp):
     return r.json()["output_ids"]
 
 
-def test_guided_outputs_do_not_loop_and_unguided_ones_are_untouched(repeat_server,
-                                                                     oracle_server):
+def _each(server, **sp):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(len(PROMPTS)) as ex:
-        plain = list(ex.map(lambda p: _gen(repeat_server, p, max_new_tokens=150,
-                                           temperature=0, ignore_eos=True), PROMPTS))
-        guided = list(ex.map(lambda p: _gen(repeat_server, p, max_new_tokens=150,
-                                            temperature=0, length_target=150,
-                                            length_mode="at_least"), PROMPTS))
-        sampled = list(ex.map(lambda p: _gen(repeat_server, p, max_new_tokens=150,
-                                             temperature=1.0, length_target=40), PROMPTS))
-    # The random base model loops when it is kept writing (greedy, no stop token): the guard
-    # has something to remove.
-    assert plain == [_gen(oracle_server, p, max_new_tokens=150, temperature=0, ignore_eos=True)
-                     for p in PROMPTS]
-    assert max(worst_repeat(o) for o in plain) > 2, [worst_repeat(o) for o in plain]
-    # Without the guard the same guided requests loop (the oracle server is the same pair).
-    assert max(worst_repeat(_gen(oracle_server, p, max_new_tokens=150, temperature=0,
-                                 length_target=150, length_mode="at_least"))
-               for p in PROMPTS) > 2
-    for o in guided:
+        return list(ex.map(lambda p: _gen(server, p, max_new_tokens=150, **sp), PROMPTS))
+
+
+def test_guided_outputs_do_not_loop_and_unguided_ones_are_untouched(oracle_server,
+                                                                     unguarded_server):
+    greedy_at_least = dict(temperature=0, length_target=150, length_mode="at_least")
+    # Without the guard the random base model loops when it is kept writing (greedy, no stop
+    # token), guided or not: the guard has something to remove.
+    assert max(worst_repeat(o) for o in _each(unguarded_server, **greedy_at_least)) > 2
+    plain = _each(oracle_server, temperature=0, ignore_eos=True)
+    assert max(worst_repeat(o) for o in plain) > 2
+    # Unguided rows never see the guard: the same as on the server without it.
+    assert plain == _each(unguarded_server, temperature=0, ignore_eos=True)
+    for o in _each(oracle_server, **greedy_at_least):
         assert len(o) == 150 and worst_repeat(o) <= 2, o
-    for o in sampled:
+    for o in _each(oracle_server, temperature=1.0, length_target=40):
         assert worst_repeat(o) <= 2, o
-    stats = repeat_server.get("/lenvm/stats").json()[0]
+    stats = oracle_server.get("/lenvm/stats").json()[0]
     assert stats["repeat_ngram"] == 3 and stats["repeat_limit"] == 2
     assert stats["host_syncs"] == 0  # the guard's step adds no host-device sync
