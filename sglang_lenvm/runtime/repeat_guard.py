@@ -41,7 +41,7 @@ def history_row(output_ids: Sequence[int]) -> list[int]:
 def record(recent: torch.Tensor, rows: torch.Tensor, generated: torch.Tensor,
            tokens: torch.Tensor) -> None:
     """In place: output token number `generated - 1` of each row is `tokens` (decode inputs)."""
-    pos = (generated - 1).clamp_min(0) % WINDOW  # (tokens: their classes, TokenClasses.canon)
+    pos = (generated - 1).clamp_min(0) % WINDOW  # raw ids; mask_repeats maps them to classes
     keep = generated >= 1
     old = recent[rows, pos]
     recent.index_put_((rows, pos), torch.where(keep, tokens.to(recent.dtype), old))
