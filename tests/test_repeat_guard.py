@@ -53,6 +53,44 @@ def test_banned_matches_python_counts(n, limit):
     assert got[-1].nonzero().view(-1).tolist() == ([1, 2, 3] if n == 1 else [1])
 
 
+def reference_banned_phrases(output, units, n, limit, vocab):
+    """Tokens x for which (tail, x) already occurs `limit` times, where tail is the shortest
+    1 to n-1 last tokens that with x write n units (n-1 tokens if none do)."""
+    window = output[-WINDOW:]
+    out = set()
+    for x in range(vocab):
+        m = next((m for m in range(1, n - 1)
+                  if len(window) >= m and sum(units[t] for t in window[-m:]) + units[x] >= n),
+                 n - 1)
+        grams = Counter(tuple(window[i:i + m + 1]) for i in range(len(window) - m))
+        if len(window) >= m and grams[tuple(window[len(window) - m:]) + (x,)] >= limit:
+            out.add(x)
+    return out
+
+
+@pytest.mark.parametrize("n,limit", [(2, 1), (3, 2), (4, 2), (5, 1)])
+def test_banned_phrases_counts_units(n, limit):
+    rng = random.Random(n * 7 + limit)
+    vocab = 7
+    units = torch.tensor([1, 1, 1, 2, 2, 3, 1])  # 3, 4: two-character words; 5: three
+    outputs = [[rng.randrange(vocab) for _ in range(length)] for length in (0, 1, 5, 60, 300)]
+    outputs += [[3, 4, 0] * 20, [0, 1, 2] * 20]  # a loop of words, a loop of one-unit tokens
+    recent, _ = ring(outputs)
+    history = repeat_guard.ordered(recent, torch.tensor([len(o) for o in outputs]))
+    got = repeat_guard.banned_phrases(history, units, int(units.max()), n, limit, vocab)
+    for i, o in enumerate(outputs):
+        want = reference_banned_phrases(o, units.tolist(), n, limit, vocab)
+        assert set(got[i].nonzero().view(-1).tolist()) == want, (i, n, limit)
+    # One unit per token: the token n-gram ban, unchanged.
+    ones = torch.ones(vocab, dtype=torch.int64)
+    assert torch.equal(repeat_guard.banned_phrases(history, ones, 1, n, limit, vocab),
+                       repeat_guard.banned(history, n, limit, vocab))
+    if n == 3:
+        # "... 3 4 0": the two-character word 3 after 0 writes the 3-unit phrase "0 3" a
+        # 20th time, so the bigram (0, 3) decides, not the token 3-gram.
+        assert got[-2].nonzero().view(-1).tolist() == [3]
+
+
 def test_history_row_is_what_decode_steps_write():
     out = list(range(WINDOW + 10))
     recent, _ = ring([out])
@@ -92,11 +130,14 @@ class ByteLevel:
     """A byte-level BPE vocabulary in GPT-2's alphabet: ids 0-255 are the bytes, then words."""
 
     WORDS = ["the", "\u0120the", "\u0120The", "The", "\u0120answer", "\u0120Answer", "\u0120is",
-             "\u010a", "\u0120\u0120"]
+             "\u010a", "\u0120\u0120", "\u6211\u4eec", "\u53ef\u4ee5", "\uff0c"]  # 我们 可以 ，
 
     def __init__(self):
         table = {b: ch for ch, b in repeat_guard._byte_alphabet().items()}
-        self.pieces = [table[b] for b in range(256)] + self.WORDS
+        # Words in the byte alphabet, as a byte-level BPE vocabulary stores them.
+        words = ["".join(table[b] for b in w.encode()) if ord(w[0]) > 0x3000 else w
+                 for w in self.WORDS]
+        self.pieces = [table[b] for b in range(256)] + words
         self.alphabet = repeat_guard._byte_alphabet()
 
     def __len__(self):
@@ -140,6 +181,16 @@ def test_classes_make_case_variants_one_phrase_and_spare_continuations():
     logits = torch.zeros(1, len(tok))
     repeat_guard.mask_repeats(logits, history, torch.tensor([True]), 3, 2, cl)
     assert torch.isinf(logits[0, w["\u0120is"]]) and torch.isfinite(logits[0, ord(".")])
+    # Chinese words count their characters: "我们可以，我们可以，我们" -> 可以 would write
+    # the phrase 们可以 a third time, though the token 3-gram "， 我们 可以" is only at its second.
+    assert cl.units[[w["\u6211\u4eec"], w["\uff0c"], ord("a"), 0xE7]].tolist() == [2, 1, 1, 1]
+    assert cl.max_units == 2
+    we, can, comma = w["\u6211\u4eec"], w["\u53ef\u4ee5"], w["\uff0c"]
+    history = torch.tensor([[-1, we, can, comma, we, can, comma, we]])
+    logits = torch.zeros(1, len(tok))
+    repeat_guard.mask_repeats(logits, history, torch.tensor([True]), 3, 2, cl)
+    assert torch.isinf(logits[0, can]) and torch.isfinite(logits[0, comma])
+    assert not repeat_guard.banned(history, 3, 2, len(tok))[0, can]
     # 白 (E7 99 BD) twice, then E7 99: BD would be its third time but continues a character.
     hist = torch.tensor([[-1, 0xE7, 0x99, 0xBD, 0xE7, 0x99, 0xBD, 0xE7, 0x99]])
     logits = torch.zeros(1, len(tok))

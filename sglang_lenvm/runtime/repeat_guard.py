@@ -26,7 +26,12 @@ from typing import Optional, Sequence
 import torch
 
 NEG_INF = float("-inf")
-WINDOW = 256  # output tokens remembered per row: loops are local
+# Output tokens remembered per row. Loops are local, but a phrase a reader sees three times in
+# one answer is a repetition wherever it is: with 256, the guarded at_least outputs that ran on
+# to 512 tokens still reused Chinese phrases whose first use had left the window
+# (README, "The repetition guard"). 1024 covers the outputs of our benchmarks; the cost is a
+# [B, 1024] compare per step and 8 KB of state per row.
+WINDOW = 1024
 
 
 def history_row(output_ids: Sequence[int]) -> list[int]:
@@ -76,6 +81,31 @@ def banned(history: torch.Tensor, n: int, limit: int, vocab: int) -> torch.Tenso
     return counts[:, :vocab] >= limit
 
 
+def banned_phrases(history: torch.Tensor, units: torch.Tensor, max_units: int, n: int,
+                   limit: int, vocab: int) -> torch.Tensor:
+    """`banned` with phrases of n units: for each token x, the n-gram is x after the shortest
+    tail of the output (1 to n-1 tokens) that, with x, writes at least n units; n-1 tokens if
+    none does. With one unit per token (max_units 1) that is `banned(history, n, ...)`.
+
+    units [vocab]: the units of each id in `history` and of each x (TokenClasses.units).
+    """
+    B, W = history.shape
+    if max_units <= 1 or n <= 2 or W < n:
+        return banned(history, n, limit, vocab)
+    tail = history[:, W - n + 1:]
+    tail_units = torch.where(tail >= 0, units[tail.clamp(0, vocab - 1)], 0)
+    # written[:, m-1]: the units of the last m tokens (m = 1 .. n-2).
+    written = tail_units.flip(1).cumsum(1)[:, : n - 2]
+    units = units[:vocab].view(1, -1)
+    ban = torch.zeros((B, vocab), dtype=torch.bool, device=history.device)
+    decided = torch.zeros_like(ban)
+    for m in range(1, n - 1):
+        enough = ~decided & (written[:, m - 1 : m] + units >= n)
+        ban |= enough & banned(history, m + 1, limit, vocab)
+        decided |= enough
+    return ban | (~decided & banned(history, n, limit, vocab))
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenClasses:
     """How the guard reads tokens, made once from the tokenizer.
@@ -88,10 +118,17 @@ class TokenClasses:
       banned: once a character's first byte is written, banning its second would only swap the
       character for another one, or for an invalid byte sequence. They still count in the
       n-grams, and the guard acts at the next character's first byte.
+    - `units` [V]: how many units of a phrase a token writes: its CJK characters, at least 1
+      (a word or word piece, punctuation, a byte: 1). A reader counts a Chinese phrase in
+      characters, and a vocabulary's whole-word Chinese tokens ("可以") write two or more at
+      once, so n tokens of Chinese can be a phrase of 2n characters (`banned_phrases`).
+    - `max_units`: the largest of `units`, on the host (1: tokens are units, as in English).
     """
 
     canon: torch.Tensor  # int64 [V]
     continues: torch.Tensor  # bool [V]
+    units: torch.Tensor  # int64 [V]
+    max_units: int
 
 
 def _byte_alphabet() -> dict:
@@ -119,10 +156,16 @@ def _token_bytes(piece: str, alphabet: dict) -> Optional[bytes]:
     return None
 
 
+# CJK characters, the unit of a Chinese phrase (the same ranges as benchmarks/quality.py).
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
 def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
-    """`TokenClasses` of a tokenizer (None: every token is its own class, none continues)."""
+    """`TokenClasses` of a tokenizer (None: every token is its own class of one unit, none
+    continues)."""
     canon = list(range(vocab))
     continues = [False] * vocab
+    units = [1] * vocab
     if tokenizer is not None:
         n = min(vocab, len(tokenizer))
         pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
@@ -142,8 +185,10 @@ def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
             key = text.strip().lower()
             if key and "\ufffd" not in key:
                 canon[i] = first.setdefault(key, i)
+            units[i] = max(1, len(_CJK.findall(text)))
     return TokenClasses(torch.tensor(canon, dtype=torch.int64, device=device),
-                        torch.tensor(continues, dtype=torch.bool, device=device))
+                        torch.tensor(continues, dtype=torch.bool, device=device),
+                        torch.tensor(units, dtype=torch.int64, device=device), max(units))
 
 
 def mask_repeats(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor, n: int,
@@ -157,7 +202,7 @@ def mask_repeats(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor
     V = logits.shape[1]
     canon = classes.canon[:V]
     history = torch.where(history >= 0, canon[history.clamp(0, V - 1)], history)
-    ban = banned(history, n, limit, V)[:, canon]
+    ban = banned_phrases(history, classes.units, classes.max_units, n, limit, V)[:, canon]
     ban &= rows.view(-1, 1) & ~classes.continues[:V].view(1, -1)
     masked = logits.masked_fill(ban, NEG_INF)
     still_finite = torch.isfinite(masked).any(dim=1, keepdim=True)
