@@ -187,6 +187,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--system", help="a system message before each prompt")
     ap.add_argument("--extra-body", type=lambda s: __import__("json").loads(s), default={})
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=1,
+                    help="send every request S times: each rule's summary also gives the "
+                         "spread of its averages over the S samples (length_following)")
     ap.add_argument("--out", default=str(reporting.RESULTS / "decision_frontier.json"))
     ap.add_argument("--append", action="store_true",
                     help="add the rules to the --out file of an earlier sweep with the same "

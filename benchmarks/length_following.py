@@ -41,6 +41,7 @@ model gave < 1%), and the share of tokens outside the base model's top 3; per
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -99,9 +100,11 @@ def make_requests(rows: list[dict], wording: dict, args, model: str) -> list[dic
                     b = dict(body)
                     if run == "lenvm":
                         b.update(length_target=target, length_mode=mode)
-                    reqs.append({"id": row.get("id"), "lang": row["lang"],
-                                 "category": row.get("category"), "mode": mode,
-                                 "target": target, "run": run, "body": b})
+                    for sample in range(getattr(args, "samples", 1)):
+                        reqs.append({"id": row.get("id"), "lang": row["lang"],
+                                     "category": row.get("category"), "mode": mode,
+                                     "target": target, "run": run, "sample": sample,
+                                     "body": b})
     return reqs
 
 
@@ -112,7 +115,7 @@ def run_one(url: str, req: dict) -> dict:
     ld = length_deviation(length, req["target"])
     lc = choice.get("length_control") or {}
     text = choice["message"]["content"] or ""
-    return {k: req[k] for k in ("id", "lang", "category", "mode", "target", "run")} | {
+    return {k: req[k] for k in ("id", "lang", "category", "mode", "target", "run", "sample")} | {
         "length": length, "finish_reason": choice["finish_reason"], "ld": ld,
         "ls": length_score(req["mode"], ld), "predicted_length": lc.get("predicted_length"),
         "text": text, **quality.measure(url, choice["prompt_token_ids"],
@@ -154,7 +157,41 @@ def summarize(records: list[dict], args) -> dict:
             nll_gap[mode] = quality.gap(a["nll"], b["nll"])
             head_gap[mode] = quality.gap(a["nll_head"], b["nll_head"])
     return {"cells": cells, "averages": averages, "averages_by_lang": by_lang,
-            "ls_improvement": improvement, "nll_gap": nll_gap, "nll_head_gap": head_gap}
+            "ls_improvement": improvement, "nll_gap": nll_gap, "nll_head_gap": head_gap,
+            "samples": spread(records, args)}
+
+
+def spread(records: list[dict], args) -> dict:
+    """With --samples S > 1: every number of `averages` (and the NLL gap, paired by sample)
+    once per sample, and their mean and standard deviation over the S samples: how much of a
+    difference between two runs is sampling noise. {} with one sample."""
+    n = getattr(args, "samples", 1)
+    if n <= 1:
+        return {}
+    per, out = {}, {}
+    for s in range(n):
+        one = [r for r in records if r.get("sample", 0) == s]
+        sub = argparse.Namespace(**{**vars(args), "samples": 1})
+        per[s] = summarize(one, sub)
+    for run in args.runs:
+        for mode in args.modes:
+            rows = [per[s]["averages"][run][mode] for s in range(n)]
+            keys = ("ls", "nll", "nll_head", "repetition", "degenerate", "abrupt", "off_top3")
+            out.setdefault(run, {})[mode] = {k: _mean_sd([r[k] for r in rows]) for k in keys}
+    for key in ("ls_improvement", "nll_gap", "nll_head_gap"):
+        for mode in args.modes:
+            vals = [per[s][key].get(mode) for s in range(n)]
+            out.setdefault(key, {})[mode] = _mean_sd(vals)
+    return out
+
+
+def _mean_sd(vals) -> dict:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return {"mean": None, "sd": None, "values": []}
+    m = sum(vals) / len(vals)
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+    return {"mean": m, "sd": sd, "values": vals}
 
 
 def average(cells) -> dict:
@@ -239,9 +276,27 @@ def report(result: dict) -> str:
         for key, what in (("nll_gap", "NLL gap"), ("nll_head_gap", "NLL gap, first N tokens")):
             out += [f"{what} (lenvm - baseline, nats/token): " + ", ".join(
                 f"{m} {v:+.2f}" if v is not None else f"{m} –" for m, v in s[key].items())]
+    if s.get("samples"):
+        out += ["", f"Over {st['samples']} samples of every request (mean ± sd of the "
+                    "per-sample averages):"]
+        for run in st["runs"]:
+            for mode in st["modes"]:
+                sp = s["samples"][run][mode]
+                out.append(f"- {run} {mode}: LS {_pm(sp['ls'], '.1f')}, NLL/token "
+                           f"{_pm(sp['nll'], '.2f')}, repetitive {_pm(sp['repetition'], '.2f')}")
+        for mode in st["modes"]:
+            if s["samples"]["nll_gap"][mode]["mean"] is not None:
+                out.append(f"- NLL gap {mode} (paired by sample): "
+                           f"{_pm(s['samples']['nll_gap'][mode], '+.2f')}")
     if result["errors"]:
         out += ["", f"{len(result['errors'])} request(s) failed, see `errors` in the JSON"]
     return "\n".join(out)
+
+
+def _pm(ms: dict, fmt: str) -> str:
+    if ms["mean"] is None:
+        return "–"
+    return format(ms["mean"], fmt) + ("" if ms["sd"] is None else " ± " + format(ms["sd"], ".2f"))
 
 
 def pct(x):
@@ -268,6 +323,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--extra-body", type=json.loads, default={},
                     help="JSON object merged into every request body (e.g. a decision knob)")
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=1,
+                    help="send every request S times (records keep `sample`); the summary then "
+                         "also gives each average per sample, with mean and sd over the S")
     ap.add_argument("--out", default=str(reporting.RESULTS / "length_following.json"))
     args = ap.parse_args(argv)
 

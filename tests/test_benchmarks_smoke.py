@@ -81,6 +81,31 @@ def test_prompt_filling_lifebench_and_ours():
     assert all("{" not in fill(r["task"], r["lang"], "at_most", 16, ours) for r in rows)
 
 
+def test_samples_spread_is_the_per_sample_averages():
+    """--samples S: each sample's averages, and mean / sd over the S, from hand-made records."""
+    def rec(run, sample, target, length, nll):
+        ld = length_following.length_deviation(length, target)
+        return {"id": 1, "lang": "en", "category": "qa", "mode": "equal", "target": target,
+                "run": run, "sample": sample, "length": length, "finish_reason": "stop",
+                "ld": ld, "ls": length_following.length_score("equal", ld), "nll": nll,
+                "nll_tokens": [nll] * length, "scored_tokens": length, "off_top3": 0.0,
+                "repetitive": sample == 1, "degenerate": False, "abrupt": False}
+    records = [rec("baseline", s, t, 3 * t, 1.0 + s) for s in (0, 1) for t in (8, 16)]
+    records += [rec("lenvm", s, t, t + s * t // 2, 1.5 + 0.5 * s) for s in (0, 1) for t in (8, 16)]
+    args = argparse.Namespace(runs=["baseline", "lenvm"], modes=["equal"], targets=[8, 16],
+                              samples=2)
+    sp = length_following.summarize(records, args)["samples"]
+    ls0 = 100.0
+    ls1 = length_following.length_score("equal", length_following.length_deviation(12, 8))
+    assert sp["lenvm"]["equal"]["ls"]["values"] == pytest.approx([ls0, ls1])
+    assert sp["lenvm"]["equal"]["ls"]["mean"] == pytest.approx((ls0 + ls1) / 2)
+    assert sp["lenvm"]["equal"]["ls"]["sd"] == pytest.approx(abs(ls0 - ls1) / 2 ** 0.5)
+    assert sp["nll_gap"]["equal"]["values"] == pytest.approx([0.5, 0.0])  # paired by sample
+    assert sp["baseline"]["equal"]["repetition"]["values"] == [0.0, 1.0]
+    one = argparse.Namespace(runs=["baseline", "lenvm"], modes=["equal"], targets=[8, 16])
+    assert length_following.summarize(records, one)["samples"] == {}
+
+
 def test_l_gt_is_the_return_space_mean():
     gamma = 0.99
     assert prediction.l_gt([50, 50], gamma) == pytest.approx(50)

@@ -39,7 +39,13 @@ def mask_stop_tokens(logits: torch.Tensor, stop_ids: torch.Tensor, rows: torch.T
     cols = torch.where((stop_ids >= 0) & rows[:, None], stop_ids, V)
     hit = torch.zeros((logits.shape[0], V + 1), dtype=torch.bool, device=logits.device)
     hit.scatter_(1, cols, True)
-    masked = logits.masked_fill(hit[:, :V], NEG_INF)
+    mask_unless_empty(logits, hit[:, :V])
+
+
+def mask_unless_empty(logits: torch.Tensor, ban: torch.Tensor) -> None:
+    """In place: -inf where `ban` [B, V] is True, except in rows that would be left with no
+    finite logit: those keep what they had (a ban never makes a request impossible)."""
+    masked = logits.masked_fill(ban, NEG_INF)
     still_finite = torch.isfinite(masked).any(dim=1, keepdim=True)
     logits.copy_(torch.where(still_finite, masked, logits))
 

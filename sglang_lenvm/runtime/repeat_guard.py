@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-NEG_INF = float("-inf")
+from sglang_lenvm.runtime.decision import mask_unless_empty
 # Output tokens remembered per row. Loops are local, but a phrase a reader sees three times in
 # one answer is a repetition wherever it is: with 256, the guarded at_least outputs that ran on
 # to 512 tokens still reused Chinese phrases whose first use had left the window
@@ -204,6 +204,4 @@ def mask_repeats(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor
     history = torch.where(history >= 0, canon[history.clamp(0, V - 1)], history)
     ban = banned_phrases(history, classes.units, classes.max_units, n, limit, V)[:, canon]
     ban &= rows.view(-1, 1) & ~classes.continues[:V].view(1, -1)
-    masked = logits.masked_fill(ban, NEG_INF)
-    still_finite = torch.isfinite(masked).any(dim=1, keepdim=True)
-    logits.copy_(torch.where(still_finite, masked, logits))
+    mask_unless_empty(logits, ban)
