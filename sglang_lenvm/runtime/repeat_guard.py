@@ -1,4 +1,4 @@
-"""The repetition guard of guided rows: no token n-gram more than `limit` times in an output.
+"""The repetition guard of guided rows: no n-unit phrase more than `limit` times in an output.
 
 Why: a small base model that is kept writing past the point where it would have ended (at_least
 before its target, equal steering toward a long budget) falls into loops ("The lost village.
@@ -7,8 +7,9 @@ tokens are the most likely ones (README, "Length and text quality"). SGLang's
 repetition_penalty removes them too, but it reshapes every token's probability and cost a
 quarter of the length score in our measurements; this guard only removes the candidates that
 would write an n-gram of the output's own for the (limit + 1)-th time, HF's
-`no_repeat_ngram_size` with a count. It applies to guided rows only (unguided rows never reach
-the scorer), before the candidates are chosen, so the torch and Triton paths see the same
+`no_repeat_ngram_size` with a count, over phrases as a reader counts them (tokens, or CJK
+characters: `banned_phrases`). It applies to guided rows only (unguided rows never reach the
+scorer), before the candidates are chosen, so the torch and Triton paths see the same
 logits and a banned token is never scored.
 
 State: the last `WINDOW` output tokens of every row, a ring buffer `[B, WINDOW]` on the device
@@ -26,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from sglang_lenvm.runtime.decision import mask_unless_empty
+
 # Output tokens remembered per row. Loops are local, but a phrase a reader sees three times in
 # one answer is a repetition wherever it is: with 256, the guarded at_least outputs that ran on
 # to 512 tokens still reused Chinese phrases whose first use had left the window
