@@ -38,7 +38,7 @@ import random
 import re
 from typing import Optional
 
-from benchmarks import client, metrics, parallel, reporting, servers
+from benchmarks import client, metrics, parallel, quality, reporting, servers
 
 PROMPT = "Please reason step by step, and put your final answer within \\boxed{{}}.\n\n{q}"
 NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi",
@@ -184,13 +184,27 @@ def grade(problem: dict, r: dict) -> dict:
             "text": text}
 
 
+def with_quality(url: str, r: dict, graded: dict) -> dict:
+    """What the text cost, beside its length (benchmarks/quality.py): the base model's NLL
+    per token (and per token, for the budget rows' cuts), repetition, tokens off its top 3."""
+    choice = r["choices"][0]
+    return {**graded, **quality.measure(url, choice["prompt_token_ids"],
+                                        choice["response_token_ids"], graded["text"],
+                                        choice["finish_reason"])}
+
+
 # ------------------------------------------------------------------------------ runs
 
 
 def point(samples: list[dict], budget: Optional[int] = None) -> dict:
     """Accuracy and mean truncated length; with a budget, longer samples are wrong and cut."""
     cap = budget if budget is not None else float("inf")
-    return {"n": len(samples),
+    # A budget's text is the sample's first B tokens: its NLL is theirs (repetition and the
+    # rest are of whole samples, so only the beta rows have them).
+    qual = quality.summarize({**s, "target": budget} for s in samples if "nll" in s)
+    qual = ({"nll": qual["nll_head"]} if budget is not None else
+            {k: qual[k] for k in ("nll", "repetition", "degenerate", "off_top3")})
+    return {"n": len(samples), **qual,
             "accuracy": metrics.mean(s["correct"] and s["length"] <= cap for s in samples),
             "mean_truncated_length": metrics.mean(min(s["length"], cap) for s in samples),
             "mean_length": metrics.mean(s["length"] for s in samples),
@@ -227,13 +241,17 @@ def plot(result: dict, path) -> None:
 
 
 def report(result: dict) -> str:
-    rows = [[f"beta {k}", 100 * v["accuracy"], v["mean_truncated_length"], v["cut"], v["n"]]
-            for k, v in result["beta"].items()]
-    rows += [[f"budget {k}", 100 * v["accuracy"], v["mean_truncated_length"], v["cut"], v["n"]]
-             for k, v in result["budget"].items()]
+    def pct(x):
+        return None if x is None else 100 * x
+    rows = [[f"beta {k}", 100 * v["accuracy"], v["mean_truncated_length"], v.get("nll"),
+             pct(v.get("repetition")), pct(v.get("degenerate")), pct(v.get("off_top3")),
+             v["cut"], v["n"]] for k, v in result["beta"].items()]
+    rows += [[f"budget {k}", 100 * v["accuracy"], v["mean_truncated_length"], v.get("nll"),
+              None, None, None, v["cut"], v["n"]] for k, v in result["budget"].items()]
     return "\n".join([reporting.machine_line(result["machine"]), "",
-                      reporting.md_table(["run", "Pass@1 %", "mean truncated length", "cut", "n"],
-                                         rows)])
+                      reporting.md_table(["run", "Pass@1 %", "mean truncated length",
+                                          "NLL/token", "repetitive %", "degenerate %",
+                                          "off top-3 %", "cut", "n"], rows)])
 
 
 def main(argv=None) -> dict:
@@ -271,8 +289,10 @@ def main(argv=None) -> dict:
             body = {"model": model, "messages": [{"role": "user",
                                                   "content": PROMPT.format(q=p["question"])}],
                     "max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0,
-                    "min_p": args.min_p, "top_k": args.top_k, "beta": beta}
-            return {"beta": beta, **grade(p, client.chat(url, body))}
+                    "min_p": args.min_p, "top_k": args.top_k, "beta": beta,
+                    "return_prompt_token_ids": True, "return_token_ids": True}
+            r = client.chat(url, body)
+            return {"beta": beta, **with_quality(url, r, grade(p, r))}
 
         samples = parallel.parallel_map(run, jobs, args.concurrency, "tradeoff")
     by_beta = {b: [s for s in samples if s["beta"] == b] for b in args.betas}

@@ -374,6 +374,15 @@ def test_tradeoff_smoke(server, tmp_path):
         assert 1 <= pt["mean_truncated_length"] <= 16, name
     assert data["budget"]["4"]["mean_truncated_length"] <= 4
     assert len(data["samples"]) == 8 and len(data["problems"]) == 2
+    # What the text cost, beside length: per sample, and per row (a budget's NLL is its cut's).
+    for smp in data["samples"]:
+        assert finite(smp["nll"]) and smp["scored_tokens"] == smp["length"]
+        assert isinstance(smp["repetitive"], bool)
+    for pt in data["beta"].values():
+        assert finite(pt["nll"]) and 0 <= pt["repetition"] <= 1 and 0 <= pt["off_top3"] <= 1
+    plain = [smp for smp in data["samples"] if smp["beta"] == 0]
+    cut4 = [sum(smp["nll_tokens"][:4]) / len(smp["nll_tokens"][:4]) for smp in plain]
+    assert data["budget"]["4"]["nll"] == pytest.approx(sum(cut4) / len(cut4), abs=1e-6)
 
 
 def test_length_tokens_smoke(server, tmp_path):
