@@ -10,6 +10,7 @@ import types
 import pytest
 
 from sglang_lenvm.testing import tiny_models as tm
+from sglang_lenvm.runtime.repeat_guard import WINDOW
 
 
 def launch(*args, capsys=None):
@@ -68,7 +69,7 @@ def test_bad_flags_are_refused(models, capsys):
     ("--lenvm-at-most-softness", "-0.5", "--lenvm-at-most-softness must be >= 0"),
     ("--lenvm-max-star-tokens", "10", "--lenvm-max-star-tokens must hold one request's largest tree"),
     ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
-    ("--lenvm-repeat-ngram", "-1", "--lenvm-repeat-ngram must be in [0, 256]"),
+    ("--lenvm-repeat-ngram", "-1", f"--lenvm-repeat-ngram must be in [0, {WINDOW}]"),
     ("--lenvm-repeat-limit", "0", "--lenvm-repeat-limit must be >= 1"),
     ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")])
 def test_bad_rule_flags_are_refused(models, flag, value, message):
