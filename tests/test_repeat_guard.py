@@ -170,6 +170,46 @@ def test_token_classes_of_a_byte_level_tokenizer():
     assert not cl.continues[256 + len(ByteLevel.WORDS):].any()
 
 
+def test_silent_tokens_and_words_only():
+    tok = ByteLevel()
+    cl = repeat_guard.token_classes(tok, len(tok), "cpu")
+    w = {x: 256 + i for i, x in enumerate(ByteLevel.WORDS)}
+    silent = [ord(","), ord(" "), ord("#"), ord("\n"), w["\uff0c"], w["\u010a"], w["\u0120\u0120"]]
+    loud = [ord("a"), ord("7"), 0xE7, 0x99, w["\u6211\u4eec"], w["\u0120the"]]
+    assert cl.silent[silent].all() and not cl.silent[loud].any()
+    x, y, z = ord("x"), ord("y"), ord("z")
+    history = torch.tensor([[-1, x, ord(","), y, ord(" "), z], [z, y, -1, ord("#"), -1, x]])
+    got = repeat_guard.words_only(history, cl.silent)
+    assert got.tolist() == [[-1, -1, -1, x, y, z], [-1, -1, -1, z, y, x]]
+
+
+def test_mask_repeats_matches_python_over_tokens_and_words():
+    """The whole guard against a plain-Python count: a token is banned if, in class space, its
+    phrase over all tokens or (a token with a word) over the words alone is at its limit."""
+    tok = ByteLevel()
+    cl = repeat_guard.token_classes(tok, len(tok), "cpu")
+    w = {x: 256 + i for i, x in enumerate(ByteLevel.WORDS)}
+    pool = [ord("a"), ord("b"), ord(","), ord(" "), w["\u0120the"], w["The"], w["\uff0c"],
+            w["\u6211\u4eec"], w["\u53ef\u4ee5"], 0xE7, 0x99]
+    rng = random.Random(3)
+    outputs = [[rng.choice(pool) for _ in range(length)] for length in (3, 40, 200, 600)]
+    canon, units = cl.canon.tolist(), cl.units.tolist()
+    silent, continues = cl.silent.tolist(), cl.continues.tolist()
+    V = len(tok)
+    for n, limit in ((3, 2), (2, 1), (4, 1)):
+        for out in outputs:
+            hist = torch.tensor([[-1] * (WINDOW - len(out[-WINDOW:])) + out[-WINDOW:]])
+            logits = torch.zeros(1, V)
+            repeat_guard.mask_repeats(logits, hist, torch.tensor([True]), n, limit, cl)
+            classes = [canon[t] for t in out]
+            words = [t for t in classes if not silent[t]]
+            all_ban = reference_banned_phrases(classes, units, n, limit, V)
+            word_ban = reference_banned_phrases(words, units, n, limit, V)
+            want = {x for x in range(V) if not continues[x]
+                    and (canon[x] in all_ban or (canon[x] in word_ban and not silent[x]))}
+            assert set(torch.isinf(logits[0]).nonzero().view(-1).tolist()) == want, (n, limit)
+
+
 def test_classes_make_case_variants_one_phrase_and_spare_continuations():
     tok = ByteLevel()
     cl = repeat_guard.token_classes(tok, len(tok), "cpu")
@@ -191,6 +231,14 @@ def test_classes_make_case_variants_one_phrase_and_spare_continuations():
     repeat_guard.mask_repeats(logits, history, torch.tensor([True]), 3, 2, cl)
     assert torch.isinf(logits[0, can]) and torch.isfinite(logits[0, comma])
     assert not repeat_guard.banned(history, 3, 2, len(tok))[0, can]
+    # Phrases are also counted over words alone: "ab,c;abc;ab" -> c would write the words
+    # "a b c" a third time, though the token 3-gram "a b c" is only at its second.
+    a, b, c = ord("a"), ord("b"), ord("c")
+    history = torch.tensor([[-1, a, b, ord(","), c, ord(";"), a, b, c, ord(";"), a, b]])
+    logits = torch.zeros(1, len(tok))
+    repeat_guard.mask_repeats(logits, history, torch.tensor([True]), 3, 2, cl)
+    assert torch.isinf(logits[0, c]) and torch.isfinite(logits[0, [a, b, ord(",")]]).all()
+    assert not repeat_guard.banned(history, 3, 2, len(tok))[0, c]
     # 白 (E7 99 BD) twice, then E7 99: BD would be its third time but continues a character.
     hist = torch.tensor([[-1, 0xE7, 0x99, 0xBD, 0xE7, 0x99, 0xBD, 0xE7, 0x99]])
     logits = torch.zeros(1, len(tok))

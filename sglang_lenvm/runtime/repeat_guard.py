@@ -125,12 +125,17 @@ class TokenClasses:
       characters, and a vocabulary's whole-word Chinese tokens ("可以") write two or more at
       once, so n tokens of Chinese can be a phrase of 2n characters (`banned_phrases`).
     - `max_units`: the largest of `units`, on the host (1: tokens are units, as in English).
+    - `silent` [V]: tokens with no word in them (punctuation, whitespace, "##"): a reader
+      reads "2.2 - 2.2 - 2.2" or "一位；丙 ... 一位丙" as the same words again, so phrases
+      are also counted with these left out (`mask_repeats`). Parts of characters are not
+      silent.
     """
 
     canon: torch.Tensor  # int64 [V]
     continues: torch.Tensor  # bool [V]
     units: torch.Tensor  # int64 [V]
     max_units: int
+    silent: torch.Tensor  # bool [V]
 
 
 def _byte_alphabet() -> dict:
@@ -158,8 +163,10 @@ def _token_bytes(piece: str, alphabet: dict) -> Optional[bytes]:
     return None
 
 
-# CJK characters, the unit of a Chinese phrase (the same ranges as benchmarks/quality.py).
+# CJK characters, the unit of a Chinese phrase, and a word (both as benchmarks/quality.py reads
+# text: its repetition measure is the guard's target).
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_WORD = re.compile(r"[^\W_]")
 
 
 def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
@@ -168,6 +175,7 @@ def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
     canon = list(range(vocab))
     continues = [False] * vocab
     units = [1] * vocab
+    silent = [False] * vocab
     if tokenizer is not None:
         n = min(vocab, len(tokenizer))
         pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
@@ -188,15 +196,19 @@ def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
             if key and "\ufffd" not in key:
                 canon[i] = first.setdefault(key, i)
             units[i] = max(1, len(_CJK.findall(text)))
+            silent[i] = "\ufffd" not in text and not _WORD.search(text)
     return TokenClasses(torch.tensor(canon, dtype=torch.int64, device=device),
                         torch.tensor(continues, dtype=torch.bool, device=device),
-                        torch.tensor(units, dtype=torch.int64, device=device), max(units))
+                        torch.tensor(units, dtype=torch.int64, device=device), max(units),
+                        torch.tensor(silent, dtype=torch.bool, device=device))
 
 
 def mask_repeats(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor, n: int,
                  limit: int, classes: TokenClasses) -> None:
-    """In place: -inf on the tokens whose class `banned` names (over the history's classes), in the
-    rows where `rows` is True; tokens that continue a character are never banned.
+    """In place: -inf on the tokens that would repeat a phrase (`banned_phrases` over the
+    history's classes) for the (limit + 1)-th time, in the rows where `rows` is True; counted
+    twice: over every token, and, for tokens with a word in them, over the words alone
+    (`silent` tokens left out). Tokens that continue a character are never banned.
 
     A row that would be left with no finite logit (a grammar that allows only the repeat) is
     left alone: the guard never makes a request impossible.
@@ -204,6 +216,16 @@ def mask_repeats(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor
     V = logits.shape[1]
     canon = classes.canon[:V]
     history = torch.where(history >= 0, canon[history.clamp(0, V - 1)], history)
-    ban = banned_phrases(history, classes.units, classes.max_units, n, limit, V)[:, canon]
-    ban &= rows.view(-1, 1) & ~classes.continues[:V].view(1, -1)
+    ban = banned_phrases(history, classes.units, classes.max_units, n, limit, V)
+    ban |= banned_phrases(words_only(history, classes.silent), classes.units,
+                          classes.max_units, n, limit, V) & ~classes.silent[:V].view(1, -1)
+    ban = ban[:, canon] & rows.view(-1, 1) & ~classes.continues[:V].view(1, -1)
     mask_unless_empty(logits, ban)
+
+
+def words_only(history: torch.Tensor, silent: torch.Tensor) -> torch.Tensor:
+    """[B, W] the history without its silent tokens, still oldest first and right-aligned
+    (the dropped positions become -1 at the left)."""
+    keep = (history >= 0) & ~silent[history.clamp(min=0)]
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
+    return torch.where(keep.gather(1, order), history.gather(1, order), -1)
