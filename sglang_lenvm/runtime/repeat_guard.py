@@ -31,8 +31,9 @@ from sglang_lenvm.runtime.decision import mask_unless_empty
 # Output tokens remembered per row. Loops are local, but a phrase a reader sees three times in
 # one answer is a repetition wherever it is: with 256, the guarded at_least outputs that ran on
 # to 512 tokens still reused Chinese phrases whose first use had left the window
-# (README, "The repetition guard"). 1024 covers the outputs of our benchmarks; the cost is a
-# [B, 1024] compare per step and 8 KB of state per row.
+# (README, "The repetition guard"). 1024 covers the outputs of our benchmarks. Per guided step
+# the guard does, on the device, a [B, W] sort and two to four n-gram passes over [B, W], each
+# with a [B, V] count; its state is 8 KB per row.
 WINDOW = 1024
 
 
