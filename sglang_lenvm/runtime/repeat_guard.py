@@ -220,7 +220,7 @@ def mask_repeats(logits: torch.Tensor, history: torch.Tensor, rows: torch.Tensor
     ban = banned_phrases(history, classes.units, classes.max_units, n, limit, V)
     ban |= banned_phrases(words_only(history, classes.silent), classes.units,
                           classes.max_units, n, limit, V) & ~classes.silent[:V].view(1, -1)
-    ban = ban[:, canon] & rows.view(-1, 1) & ~classes.continues[:V].view(1, -1)
+    ban = ban.index_select(1, canon) & rows.view(-1, 1) & ~classes.continues[:V].view(1, -1)
     mask_unless_empty(logits, ban)
 
 
