@@ -32,7 +32,8 @@ for part in $parts; do
     prediction) serve; $P -m benchmarks.prediction "$U" --limit 12 --n 6 --max-tokens 512 \
                   --concurrency 24 ;;
     tradeoff)   serve; $P -m benchmarks.tradeoff "$U" --level easy --problems 12 --n 2 \
-                  --max-tokens 192 --budgets 16 32 48 64 96 128 192 --concurrency 24 ;;
+                  --max-tokens 192 --budgets 16 32 48 64 96 128 192 --concurrency 24 \
+                  --out $R/tradeoff_guard.json ;;
     tokens)     serve; $P -m benchmarks.length_tokens "$U" --limit 12 --n 2 --max-tokens 192 ;;
     frontier)   F="$P -m benchmarks.decision_frontier --demo --max-total-tokens 65536"
                 $F --limit 12 --targets 16 64 128 --modes equal --rules 0:inf 0.1:inf 0.1:4 \
@@ -54,7 +55,13 @@ for part in $parts; do
                 $F $G --server-arg=3 --modes at_least --append --rules 0.1:16:1:2 \
                   --out $R/decision_frontier_at_least.json
                 $F $G --server-arg=3 --modes at_most --append --rules 0.1:16:1:2 \
-                  --out $R/decision_frontier_at_most.json ;;
+                  --out $R/decision_frontier_at_most.json
+                # The default, every request 3 times: the noise of one row.
+                $F --limit 12 --targets 16 64 128 --modes equal --samples 3 --rules 0.1:16:1:2 \
+                  --out $R/decision_frontier_equal_samples.json
+                $F --lifebench "$LIFEBENCH" --limit 6 --targets 16 64 128 --modes equal \
+                  --samples 3 --rules 0.1:16:1:2 \
+                  --out $R/decision_frontier_lifebench_equal_samples.json ;;
     onepass)    O="--server-arg=--lenvm-scoring --server-arg=one-pass"
                 $P -m benchmarks.latency --demo $O --no-plain --max-total-tokens 32768 \
                   --concurrency 1 8 32 --ks 5 15 --tokens 64 --rounds 1 --max-position 0 \
