@@ -195,6 +195,8 @@ def main(argv=None) -> dict:
                     help="add the rules to the --out file of an earlier sweep with the same "
                          "prompts, targets, modes and sampling (its baseline is kept)")
     args = ap.parse_args(argv)
+    if args.samples < 1:
+        ap.error("--samples must be >= 1")
     if args.base_url and args.rules:
         ap.error("--rules starts a server per rule: give --demo, --tiny or a pair, not --base-url")
     if not args.base_url and not args.rules:

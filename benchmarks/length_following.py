@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 
 from benchmarks import client, metrics, parallel, prompts, quality, reporting, servers
 
@@ -168,30 +169,25 @@ def spread(records: list[dict], args) -> dict:
     n = getattr(args, "samples", 1)
     if n <= 1:
         return {}
-    per, out = {}, {}
-    for s in range(n):
-        one = [r for r in records if r.get("sample", 0) == s]
-        sub = argparse.Namespace(**{**vars(args), "samples": 1})
-        per[s] = summarize(one, sub)
+    one = argparse.Namespace(**{**vars(args), "samples": 1})
+    per = [summarize([r for r in records if r.get("sample", 0) == s], one) for s in range(n)]
+    keys = ("ls", "nll", "nll_head", "repetition", "degenerate", "abrupt", "off_top3")
+    out = {}
     for run in args.runs:
         for mode in args.modes:
-            rows = [per[s]["averages"][run][mode] for s in range(n)]
-            keys = ("ls", "nll", "nll_head", "repetition", "degenerate", "abrupt", "off_top3")
+            rows = [p["averages"][run][mode] for p in per]
             out.setdefault(run, {})[mode] = {k: _mean_sd([r[k] for r in rows]) for k in keys}
     for key in ("ls_improvement", "nll_gap", "nll_head_gap"):
         for mode in args.modes:
-            vals = [per[s][key].get(mode) for s in range(n)]
+            vals = [p[key].get(mode) for p in per]
             out.setdefault(key, {})[mode] = _mean_sd(vals)
     return out
 
 
 def _mean_sd(vals) -> dict:
     vals = [v for v in vals if v is not None]
-    if not vals:
-        return {"mean": None, "sd": None, "values": []}
-    m = sum(vals) / len(vals)
-    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
-    return {"mean": m, "sd": sd, "values": vals}
+    return {"mean": metrics.mean(vals),
+            "sd": statistics.stdev(vals) if len(vals) > 1 else None, "values": vals}
 
 
 def average(cells) -> dict:
@@ -328,6 +324,8 @@ def main(argv=None) -> dict:
                          "also gives each average per sample, with mean and sd over the S")
     ap.add_argument("--out", default=str(reporting.RESULTS / "length_following.json"))
     args = ap.parse_args(argv)
+    if args.samples < 1:
+        ap.error("--samples must be >= 1")
 
     path = args.lifebench or args.prompts
     rows = prompts.spread(prompts.load_jsonl(path), args.limit)
