@@ -19,8 +19,8 @@ fast) leaves partial z sums in different programs, and Triton has no grid-wide b
    The fc GEMM runs on tensor cores in 3xTF32 ("tf32x3"), which keeps float32 accuracy: the
    head is float32 on purpose (p near 1 is where ln(1-p)/ln(gamma) is most sensitive).
 2. `_decision_kernel`, grid (B,): sums the partials + summary bias, sigmoid, stop tokens -> 0,
-   NaN -> 0 (with a per-row `cand_ok` flag as the scorer keeps), remaining length, the
-   plausibility floor, the equal and at_most (hard or soft) / at_least rules with decide()'s
+   NaN -> 0 (with a per-row `cand_ok` flag as the scorer keeps), remaining length (at most 1
+   after a sentence end in equal and at_most rows), the plausibility floor, the equal and at_most (hard or soft) / at_least rules with decide()'s
    +-1/2 rounding tolerance, beta tilting, the forced stop past equal's overshoot limit and
    greedy argmax, writing q over the candidate slots.
 
@@ -86,15 +86,15 @@ def _log1p_neg(x):
 
 @triton.jit
 def _decision_kernel(
-    ZPART, SUMMARY_BIAS, IDS, BASE, VALID, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
+    ZPART, SUMMARY_BIAS, IDS, BASE, VALID, CLOSES, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
     MUST_STOP, P_ALL, P_CAND, Q, CAND_OK,
     n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness, end_pull,
     at_most_softness,
-    stride_zp, stride_ids, stride_base, stride_valid, stride_stop,
+    stride_zp, stride_ids, stride_base, stride_valid, stride_closes, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr, EQUAL_RATIO: tl.constexpr, SOFT_EQUAL: tl.constexpr,
-    SOFT_AT_MOST: tl.constexpr, HAS_MUST_STOP: tl.constexpr,
+    SOFT_AT_MOST: tl.constexpr, HAS_MUST_STOP: tl.constexpr, HAS_CLOSES: tl.constexpr,
     EQUAL: tl.constexpr, AT_MOST: tl.constexpr, AT_LEAST: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -134,6 +134,15 @@ def _decision_kernel(
     length = _log1p_neg(tl.minimum(tl.maximum(p, 0.0), 1.0 - 1.1920928955078125e-07)) / log_gamma
     mode = tl.load(MODE + b)
     r = tl.maximum(tl.load(TARGET + b) - tl.load(GENERATED + b) - 1, 0).to(tl.float32)
+    if HAS_CLOSES:  # a sentence end: stop after it (1 left) or go on (decide())
+        closes = tl.load(CLOSES + b * stride_closes + offs_k, mask=k_ok, other=0).to(tl.int1)
+        if EQUAL_RATIO:
+            end_closer = (tl.abs(0.6931471805599453 - tl.log(1.0 + r))
+                          < tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)))
+        else:
+            end_closer = tl.abs(1.0 - r) < tl.abs(length - r)
+        length = tl.where(closes & (mode == EQUAL) & end_closer, 1.0, length)
+        length = tl.where(closes & (mode == AT_MOST), tl.minimum(length, 1.0), length)
     INF = float("inf")
     # Plausibility floor: only candidates with base >= plausibility x the row's most likely
     # compete on length; slot 0 (the most likely) and stop tokens always do.
@@ -249,13 +258,14 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
                                mode_codes: Tuple[int, int, int], equal_ratio: bool,
                                plausibility: float = 0.0, equal_softness: float = math.inf,
                                at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
-                               must_stop=None) -> DecisionTensors:
+                               must_stop=None, closes=None) -> DecisionTensors:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
     padded; mode / target / generated / beta / greedy / must_stop [B]; mode_codes the values
     of `mode` that mean (equal, at_most, at_least); equal_ratio: equal compares
-    ln(1 + length) (else the length itself); the other knobs as in the runtime's `decide`.
+    ln(1 + length) (else the length itself); closes [B, K] bool or None: the candidates that
+    end a sentence (`Candidates.closes`); the other knobs as in the runtime's `decide`.
     """
     B, K = ids.shape
     T = K + int(has_root)
@@ -276,21 +286,25 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         x.contiguous() for x in (ids, base_prob.float(), valid, stop_ids, mode, target,
                                  generated, beta.float(), greedy))
     must = must_stop.contiguous() if must_stop is not None else greedy  # unread without it
+    ends = closes.contiguous() if closes is not None else valid  # unread without it
     soft = not math.isinf(equal_softness)
     soft_at_most = not math.isinf(at_most_softness)
     _decision_kernel[(B,)](
-        zpart, summary_bias.reshape(-1).float(), ids, base_prob, valid, stop_ids, mode, target,
+        zpart, summary_bias.reshape(-1).float(), ids, base_prob, valid, ends, stop_ids, mode,
+        target,
         generated, beta, greedy, must, p_all, p_cand, q, cand_ok,
         zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma), float(plausibility),
         float(equal_softness) if soft else 0.0, float(at_least_end_pull),
         float(at_most_softness) if soft_at_most else 0.0,
-        zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), stop_ids.stride(0),
+        zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), ends.stride(0),
+        stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),
         ROOT=int(bool(has_root)), BLOCK_T=max(2, triton.next_power_of_2(T)),
         BLOCK_K=max(2, triton.next_power_of_2(K)),
         BLOCK_S=max(2, triton.next_power_of_2(stop_ids.shape[1])),
         EQUAL_RATIO=bool(equal_ratio), SOFT_EQUAL=soft, SOFT_AT_MOST=soft_at_most,
-        HAS_MUST_STOP=must_stop is not None, EQUAL=equal, AT_MOST=at_most, AT_LEAST=at_least,
+        HAS_MUST_STOP=must_stop is not None, HAS_CLOSES=closes is not None, EQUAL=equal,
+        AT_MOST=at_most, AT_LEAST=at_least,
         num_warps=1,
     )
     return DecisionTensors(p_all, p_cand, q, cand_ok)

@@ -42,6 +42,11 @@ DEFAULT_AT_MOST_SOFTNESS = 2.0
 # 42% -> 3% (equal, same day), 31% -> 11% (at_least), 6% -> 0% (at_most).
 DEFAULT_REPEAT_NGRAM = 3
 DEFAULT_REPEAT_LIMIT = 2
+# equal and at_most: a token that ends a sentence counts as at most 1 token from the end, and an
+# equal output may stop right after one (runtime/sentence_end.py); "off": the LenVM's lengths
+# only. On from the frontier rows with and without it (README, "Where the text ends").
+SENTENCE_ENDS = ("on", "off")
+DEFAULT_SENTENCE_END = "on"
 # Tokens one star forward may hold (roots + candidates): a step with more splits its rows into
 # several forwards, so the scorer's workspace has a bound, charged to the KV budget at start.
 DEFAULT_MAX_STAR_TOKENS = 4096
@@ -89,6 +94,8 @@ class LenVMConfig:
     # guided rows: no token n-gram of repeat_ngram tokens more than repeat_limit times (0: off)
     repeat_ngram: int = DEFAULT_REPEAT_NGRAM
     repeat_limit: int = DEFAULT_REPEAT_LIMIT
+    # see SENTENCE_ENDS
+    sentence_end: str = DEFAULT_SENTENCE_END
     # tokens per star forward (more: the step's rows are split into several forwards)
     max_star_tokens: int = DEFAULT_MAX_STAR_TOKENS
     # see SCORINGS
@@ -131,6 +138,9 @@ class LenVMConfig:
                              f"got {self.repeat_ngram}")
         if self.repeat_limit < 1:
             raise ValueError(f"--lenvm-repeat-limit must be >= 1, got {self.repeat_limit}")
+        if self.sentence_end not in SENTENCE_ENDS:
+            raise ValueError(f"--lenvm-sentence-end must be one of {SENTENCE_ENDS}, "
+                             f"got {self.sentence_end!r}")
         if not self.at_most_softness >= 0.0:
             raise ValueError(f"--lenvm-at-most-softness must be >= 0 (inf: only candidates "
                              f"that fit), got {self.at_most_softness}")

@@ -30,9 +30,11 @@ from sglang_lenvm.config import (
     DEFAULT_REPEAT_NGRAM,
     DEFAULT_GAMMA,
     DEFAULT_SCORING,
+    DEFAULT_SENTENCE_END,
     DEFAULT_TOP_K,
     EQUAL_DISTANCES,
     SCORINGS,
+    SENTENCE_ENDS,
     LenVMConfig,
     resolve_gamma,
 )
@@ -85,6 +87,11 @@ def _our_parser() -> argparse.ArgumentParser:
     g.add_argument("--lenvm-repeat-limit", type=int, default=DEFAULT_REPEAT_LIMIT, metavar="C",
                    help="how many times one n-gram of --lenvm-repeat-ngram tokens may occur in "
                         "a guided output")
+    g.add_argument("--lenvm-sentence-end", choices=SENTENCE_ENDS, default=DEFAULT_SENTENCE_END,
+                   help="equal and at_most: a candidate that ends a sentence counts as at most "
+                        "1 token from the end, and an equal output may stop right after one, "
+                        "so outputs end at sentence ends near their target ('off': the "
+                        "LenVM's predicted lengths only)")
     g.add_argument("--lenvm-max-star-tokens", type=int, default=DEFAULT_MAX_STAR_TOKENS,
                    metavar="N",
                    help="tokens one LenVM star forward may hold (each guided request's root "
@@ -224,6 +231,7 @@ def prepare(argv: List[str]):
                              at_most_softness=ours.lenvm_at_most_softness,
                              repeat_ngram=ours.lenvm_repeat_ngram,
                              repeat_limit=ours.lenvm_repeat_limit,
+                             sentence_end=ours.lenvm_sentence_end,
                              max_star_tokens=ours.lenvm_max_star_tokens,
                              scoring=ours.lenvm_scoring,
                              shared_trunk=ours.lenvm_shared_trunk,

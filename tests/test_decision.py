@@ -312,3 +312,34 @@ def test_soft_at_most_weighs_base_probability_by_how_far_past_the_budget():
                                           if k != "at_most_softness"}))
     greedy = decide(c, p, generated=torch.tensor([5]), **{**kw, "greedy": torch.tensor([True])})
     assert greedy.tolist() == [torch.nn.functional.one_hot(want.argmax(), 4).tolist()]
+
+
+def test_a_sentence_end_counts_as_one_token_from_the_end():
+    """`Candidates.closes`: in equal and at_most rows a candidate that ends a sentence counts
+    as l = min(l, 1) (the output may stop right after it); at_least keeps the LenVM's l."""
+    lengths = [[30, 30, 12]]  # slot 1 ends a sentence; the LenVM thinks the text goes on
+    p = p_of(lengths)
+    closes = torch.tensor([[False, True, False]])
+    base = [[0.5, 0.3, 0.2]]
+    lam = 4.0
+    kw = dict(beta=torch.zeros(1), greedy=torch.tensor([False]), gamma=G, equal_softness=lam)
+
+    def q_of(mode, target, generated, ends, **more):
+        c = Candidates(**{**cand(base).__dict__, "closes": ends})
+        return decide(c, p, mode=torch.tensor([mode]), target=torch.tensor([target]),
+                      generated=torch.tensor([generated]), **kw, **more)
+
+    # equal, r = 1: soft weights over d = |ln(1 + l) - ln 2| with l(slot 1) = 1
+    r = 1
+    for ends, l1 in ((closes, 1), (None, 30)):
+        d = torch.tensor([abs(math.log1p(n) - math.log1p(r)) for n in (30, l1, 12)])
+        want = torch.tensor(base[0]) * torch.exp(-lam * d)
+        assert torch.allclose(q_of(MODE_EQUAL, 10, 8, ends)[0], want / want.sum(), atol=1e-5)
+    assert q_of(MODE_EQUAL, 10, 8, closes)[0].argmax() == 1
+    # Far from the end the sentence end changes nothing (the LenVM's l is the closer one).
+    assert torch.allclose(q_of(MODE_EQUAL, 40, 9, closes), q_of(MODE_EQUAL, 40, 9, None))
+    # at_most, hard rule, r = 2: only the sentence end fits (l = 30 and 12 run past).
+    hard = q_of(MODE_AT_MOST, 10, 7, closes)
+    assert hard.tolist() == [[0, 1, 0]]
+    # at_least, r = 20: a sentence end is not the end before the target.
+    assert torch.equal(q_of(MODE_AT_LEAST, 30, 9, closes), q_of(MODE_AT_LEAST, 30, 9, None))

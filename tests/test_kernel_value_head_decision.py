@@ -46,8 +46,9 @@ def reference_value_head_decision(hidden, fc_weight, fc_bias, summary_weight, su
     z = torch.nn.functional.linear(torch.nn.functional.silu(fc), summary_weight.view(1, -1),
                                    summary_bias.view(-1)).squeeze(-1)
     p_all = torch.sigmoid(z).view(B, K + int(kw["has_root"]))
-    return decide_from_values(p_all, Candidates(ids=ids, base_prob=base_prob, valid=valid),
-                              stop_ids, **kw)
+    closes = kw.pop("closes", None)
+    return decide_from_values(p_all, Candidates(ids=ids, base_prob=base_prob, valid=valid,
+                                                closes=closes), stop_ids, **kw)
 
 
 def _run_both(hidden, head, codes=(EQUAL, AT_MOST, AT_LEAST), **kw):
@@ -219,10 +220,12 @@ def test_at_most_keeps_going_when_only_stop_fits():
 
 
 @needs_device
-@pytest.mark.parametrize("plausibility,softness,pull,at_most_softness",
-                         [(0.3, math.inf, 0.0, math.inf), (0.0, 2.0, 0.5, 1.0),
-                          (0.2, 8.0, 2.0, 4.0)])
-def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, at_most_softness):
+@pytest.mark.parametrize("plausibility,softness,pull,at_most_softness,ends",
+                         [(0.3, math.inf, 0.0, math.inf, False), (0.0, 2.0, 0.5, 1.0, False),
+                          (0.2, 8.0, 2.0, 4.0, False), (0.0, 16.0, 1.0, 2.0, True),
+                          (0.1, math.inf, 1.0, math.inf, True)])
+def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, at_most_softness,
+                                                 ends):
     """The quality-aware knobs: the plausibility floor in every mode, the soft equal and
     at_most rules, equal rows that must stop (past the overshoot limit) taking their most likely
     stop slot, and at_least's pull toward ending past its target (row 7)."""
@@ -246,6 +249,13 @@ def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, a
               target=target, generated=generated, beta=beta, greedy=greedy, gamma=GAMMA,
               plausibility=plausibility, equal_softness=softness, at_least_end_pull=pull,
               at_most_softness=at_most_softness, must_stop=must)
+    if ends:  # sentence ends (Candidates.closes): a third of the slots, in every mode
+        closes = torch.rand(B, K, generator=torch.Generator().manual_seed(6)) < 0.35
+        got, want = _run_both(hidden, head, closes=closes, **kw)
+        _compare(got, want)
+        plain, _ = _run_both(hidden, head, **kw)
+        assert not torch.allclose(got.q.cpu(), plain.q.cpu(), atol=Q_ATOL)  # it is read
+        return
     got, want = _run_both(hidden, head, **kw)
     _compare(got, want)
     q = want.q

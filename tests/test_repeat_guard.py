@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from sglang_lenvm.runtime import repeat_guard
+from sglang_lenvm.runtime import repeat_guard, token_text
 from sglang_lenvm.runtime.repeat_guard import WINDOW
 
 
@@ -133,12 +133,12 @@ class ByteLevel:
              "\u010a", "\u0120\u0120", "\u6211\u4eec", "\u53ef\u4ee5", "\uff0c"]  # 我们 可以 ，
 
     def __init__(self):
-        table = {b: ch for ch, b in repeat_guard._byte_alphabet().items()}
+        table = {b: ch for ch, b in token_text.byte_alphabet().items()}
         # Words in the byte alphabet, as a byte-level BPE vocabulary stores them.
         words = ["".join(table[b] for b in w.encode()) if ord(w[0]) > 0x3000 else w
                  for w in self.WORDS]
         self.pieces = [table[b] for b in range(256)] + words
-        self.alphabet = repeat_guard._byte_alphabet()
+        self.alphabet = token_text.byte_alphabet()
 
     def __len__(self):
         return len(self.pieces)

@@ -25,6 +25,9 @@ class Candidates:
     ids: torch.Tensor  # [B, K] int64 token ids, sorted by base probability (descending)
     base_prob: torch.Tensor  # [B, K] float32 base probability (after temperature, full vocab)
     valid: torch.Tensor  # [B, K] bool: inside the row's top-k / top-p / min-p truncation
+    # [B, K] bool or None: candidates that end a sentence, after which the scorer lets the
+    # output stop (the stop token is a candidate of the next step); see `decide`
+    closes: Optional[torch.Tensor] = None
 
 
 def mask_stop_tokens(logits: torch.Tensor, stop_ids: torch.Tensor, rows: torch.Tensor) -> None:
@@ -116,7 +119,9 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     (l is compared after rounding to the nearest token: l < r + 1/2, l > r - 1/2)
       none:     base over all candidates.
     Only plausible candidates compete on length: base(x) >= plausibility * max base, plus the
-    most likely candidate and stop tokens (ending is always possible). Then
+    most likely candidate and stop tokens (ending is always possible). A candidate that ends
+    a sentence (`cand.closes`) may be the last before the stop token: in equal rows its l(x) is
+    1 where 1 is closer to r than l(x) is, in at_most rows min(l(x), 1). Then
     q ~ q * exp(beta * p) (exponential tilting) for the sampling modes; rows with `must_stop`
     (equal past its overshoot limit) take their most likely stop slot if they have one; greedy
     rows take the argmax of q.
@@ -126,12 +131,29 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     r = (target - generated - 1).clamp_min(0).float().view(-1, 1)
     inf = torch.full_like(length, float("inf"))
     mode = mode.view(-1, 1)
+    ratio = equal_uses_ratio(equal_distance)
+    if cand.closes is not None:
+        # The LenVM predicts how long the base model would go on after a full stop, but the
+        # scorer can end the output there (it makes the stop token a candidate of the next
+        # step), so a sentence end is two ways on: stop after it (1 token left) or go on
+        # (l). equal counts the one closer to the budget, at_most the shorter. Without this,
+        # equal outputs whose budget ran out mid-sentence were cut at the overshoot limit by a
+        # stop token that cost 10 to 31 nats under the base model (README, "Where the text
+        # ends"). at_least keeps the LenVM's l: before its target a sentence end is not the end.
+        one = torch.ones_like(length)
+        if ratio:
+            end_closer = (math.log(2.0) - torch.log1p(r)).abs() < (torch.log1p(length)
+                                                                   - torch.log1p(r)).abs()
+        else:
+            end_closer = (one - r).abs() < (length - r).abs()
+        length = torch.where(cand.closes & (mode == MODE_EQUAL) & end_closer, one, length)
+        length = torch.where(cand.closes & (mode == MODE_AT_MOST), length.clamp_max(1.0), length)
     stop = is_stop if is_stop is not None else torch.zeros_like(valid)
     base_max = torch.where(valid, cand.base_prob, torch.zeros_like(cand.base_prob)).amax(1, True)
     plausible = valid & ((cand.base_prob >= plausibility * base_max) | stop)
     plausible[:, 0] |= valid[:, 0]  # slot 0 is the most likely candidate
 
-    if equal_uses_ratio(equal_distance):
+    if ratio:
         # The LenVM's errors are relative (a continuation predicted at 100 tokens may well end
         # at 50) and stopping is final while a continuation is steered again next step. In
         # tokens, r = 25 is closer to EOS (0) than to a continuation predicted at 60, so an

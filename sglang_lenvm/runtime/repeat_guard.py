@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from sglang_lenvm.runtime.decision import mask_unless_empty
+from sglang_lenvm.runtime.token_text import token_texts
 
 # Output tokens remembered per row. Loops are local, but a phrase a reader sees three times in
 # one answer is a repetition wherever it is: with 256, the guarded at_least outputs that ran on
@@ -139,31 +140,6 @@ class TokenClasses:
     silent: torch.Tensor  # bool [V]
 
 
-def _byte_alphabet() -> dict:
-    """GPT-2's byte-to-character table, inverted: byte-level BPE token strings -> bytes."""
-    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-            + list(range(ord("\xae"), ord("\xff") + 1)))
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
-
-
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
-
-
-def _token_bytes(piece: str, alphabet: dict) -> Optional[bytes]:
-    m = _BYTE_TOKEN.fullmatch(piece)
-    if m:
-        return bytes([int(m.group(1), 16)])
-    if piece and all(ch in alphabet for ch in piece):
-        return bytes(alphabet[ch] for ch in piece)
-    return None
-
-
 # CJK characters, the unit of a Chinese phrase, and a word (both as benchmarks/quality.py reads
 # text: its repetition measure is the guard's target).
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
@@ -179,20 +155,13 @@ def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
     silent = [False] * vocab
     if tokenizer is not None:
         n = min(vocab, len(tokenizer))
-        pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
-        alphabet = _byte_alphabet()
         first: dict = {}
-        for i, piece in enumerate(pieces):
-            raw = _token_bytes(piece, alphabet) if isinstance(piece, str) else None
-            if raw is not None:
-                continues[i] = bool(raw) and 0x80 <= raw[0] <= 0xBF
-                text = raw.decode("utf-8", errors="replace")
-            else:
-                try:
-                    text = tokenizer.decode([i])
-                except Exception:  # noqa: BLE001 - an undecodable id is its own class
-                    continue
-                continues[i] = "\ufffd" in text  # no bytes to look at: never ban a fragment
+        for i, (text, raw) in enumerate(token_texts(tokenizer, n)):
+            if text is None:
+                continue  # an undecodable id is its own class
+            # no bytes to look at: never ban a fragment
+            continues[i] = (bool(raw) and 0x80 <= raw[0] <= 0xBF) if raw is not None else (
+                "\ufffd" in text)
             key = text.strip().lower()
             if key and "\ufffd" not in key:
                 canon[i] = first.setdefault(key, i)

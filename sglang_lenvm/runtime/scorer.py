@@ -210,8 +210,9 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
 
 def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer, state, rows,
                      seq_lens, forward_batch):
-    """The steering rows' candidates, plus each row's stop-token slot where it must be one;
-    and which rows must stop (equal past its overshoot limit; None: no row)."""
+    """The steering rows' candidates, plus each row's stop-token slot where it must be one,
+    with the candidates that end a sentence marked (`Candidates.closes`, when that rule is
+    on); and which rows must stop (equal past its overshoot limit; None: no row)."""
     host_modes = {state.modes[i] for i in rows if state.steer[i]}
     if MODE_AT_LEAST in host_modes:
         # SGLang's min_new_tokens (set at admission) already masks the stop tokens until the
@@ -235,13 +236,30 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
         cand = _drop_unused_slots(cand)
     must_stop = None
     equal_near = MODE_EQUAL in host_modes and _equal_stop_near(state, forward_batch, rows)
-    if MODE_AT_MOST in host_modes or equal_near:
+    # An equal output may stop right after a sentence end (its stop token, however unlikely
+    # the truncation found it, competes on length: decide() counts that end as 1 token away).
+    after_end = (MODE_EQUAL in host_modes and worker.sentence_ends is not None
+                 and forward_batch.forward_mode.is_decode())
+    if MODE_AT_MOST in host_modes or equal_near or after_end:
         stop_rows = (st.mode == MODE_AT_MOST) & steer
         if equal_near:
             must_stop = (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
             stop_rows |= must_stop
+        if after_end:
+            last = forward_batch.input_ids[index]  # the output's last token (decode input)
+            stop_rows |= ((st.mode == MODE_EQUAL) & steer
+                          & _sentence_end_of(worker, last.clamp_min(0)))
         cand = _with_stop_candidate(cand, probs_of, st.stop_ids, stop_rows)
+    if worker.sentence_ends is not None:
+        cand.closes = _sentence_end_of(worker, cand.ids)
     return cand, must_stop
+
+
+def _sentence_end_of(worker, ids: torch.Tensor) -> torch.Tensor:
+    """True where ids end a sentence (ids past the table, padding rows, never do)."""
+    table = worker.sentence_ends
+    inside = ids < table.shape[0]
+    return table[ids.clamp(max=table.shape[0] - 1)] & inside
 
 
 def _with_stop_candidate(cand: Candidates, probs_of, stop_ids: torch.Tensor,
@@ -249,8 +267,9 @@ def _with_stop_candidate(cand: Candidates, probs_of, stop_ids: torch.Tensor,
     """Append each row's most likely stop token as one more candidate where `rows`.
 
     Those are at_most rows (at the last token of the budget only a stop token is admissible,
-    and it must be there even when truncation dropped it) and equal rows past their stop
-    length (with no budget left the stop token, predicted 0, is the closest candidate). It is
+    and it must be there even when truncation dropped it), equal rows past their stop
+    length (with no budget left the stop token, predicted 0, is the closest candidate) and
+    equal rows whose last token ended a sentence (stopping there competes on length). It is
     invalid where a stop token is already a candidate, or where every stop token has
     probability 0 (banned by logit_bias or a grammar): then the row cannot stop here, and the
     output ends at its max_new_tokens (which admission caps at the target for at_most).
@@ -356,7 +375,8 @@ def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, m
         faults.inject("decision", rids)
         return HeadDecision(*value_head_decision_triton(
             hidden, head.fc.weight, head.fc.bias, head.summary.weight, head.summary.bias,
-            ids=cand.ids, base_prob=cand.base_prob, valid=cand.valid, stop_ids=st.stop_ids,
+            ids=cand.ids, base_prob=cand.base_prob, valid=cand.valid, closes=cand.closes,
+            stop_ids=st.stop_ids,
             mode_codes=(MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST),
             equal_ratio=equal_uses_ratio(rule.pop("equal_distance")), **rule, **kw))
     p_all = torch.sigmoid(worker.star(tokens, positions, meta))

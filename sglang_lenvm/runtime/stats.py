@@ -41,6 +41,8 @@ def worker_stats(worker, scheduler) -> dict:
         # guided rows: no token n-gram of this many tokens more than repeat_limit times (0: off)
         "repeat_ngram": worker.config.repeat_ngram,
         "repeat_limit": worker.config.repeat_limit,
+        # "on": sentence ends count as 1 token from the end (equal, at_most; sentence_end.py)
+        "sentence_end": worker.config.sentence_end,
         **worker.stats,
         **faults.counters,  # LenVM failures isolated, requests that went on unguided
         # calls that would stall a GPU's host in the step path (tests: sync_guard.py), or null

@@ -28,7 +28,7 @@ import torch
 
 from sglang_lenvm.checkpoint import inspect_checkpoint
 from sglang_lenvm.config import LenVMConfig, resolve_gamma
-from sglang_lenvm.runtime import repeat_guard
+from sglang_lenvm.runtime import repeat_guard, sentence_end
 from sglang_lenvm.runtime.star_attention import StarAttentionBackend, StarMeta
 from sglang_lenvm.runtime.tensor_parallel import Agreement
 
@@ -81,6 +81,12 @@ class LenVMWorker:
         self.token_classes = None
         if config.repeat_ngram:
             self.token_classes = repeat_guard.token_classes(
+                getattr(scheduler, "tokenizer", None), target.model_config.vocab_size,
+                self.device)
+        # Which tokens end a sentence (sentence_end.py), or None with --lenvm-sentence-end off.
+        self.sentence_ends = None
+        if config.sentence_end == "on":
+            self.sentence_ends = sentence_end.sentence_ends(
                 getattr(scheduler, "tokenizer", None), target.model_config.vocab_size,
                 self.device)
         self.star_backend: Optional[StarAttentionBackend] = None

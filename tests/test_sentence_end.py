@@ -1,0 +1,105 @@
+"""Which tokens end a sentence (runtime/sentence_end.py), and the scorer's stop slot after one."""
+
+import types
+
+import pytest
+import torch
+from test_repeat_guard import ByteLevel
+
+from sglang_lenvm.runtime import sentence_end, token_text
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("text,ends", [
+    (".", True), ("!", True), (" ?", True), (".\n\n", True), ('."', True), ("\u3002", True),
+    ("\uff1f\u300d", True), ("...", True), (")**.", True), ("**.", True),
+    (",", False), (" the", False), ("\n", False), ("", False), (" ", False), ("\ufffd", False),
+    (".\ufffd", False), ("Mr", False), ("3", False),
+])
+def test_ends_sentence(text, ends):
+    assert sentence_end.ends_sentence(text) is ends
+
+
+class Punctuated(ByteLevel):
+    WORDS = ByteLevel.WORDS + ["\u0120end.", ".\u010a\u010a", "\u0120\u0120", "\u3002"]
+
+
+def test_table_of_a_byte_level_tokenizer():
+    tok = Punctuated()
+    table = sentence_end.sentence_ends(tok, len(tok) + 3, "cpu")
+    word = {w: 256 + i for i, w in enumerate(Punctuated.WORDS)}
+    assert table.shape == (len(tok) + 3,) and table.dtype == torch.bool
+    assert table[ord(".")] and table[ord("!")] and table[ord("?")]
+    assert table[word["\u0120end."]] and table[word[".\u010a\u010a"]]
+    assert table[word["\u3002"]]  # 。 stored as its UTF-8 bytes
+    assert not table[ord(",")] and not table[word["\u0120the"]] and not table[word["\u010a"]]
+    assert not table[word["\uff0c"]]  # ，
+    assert not table[0x80:256].any()  # parts of characters
+    assert not table[len(tok):].any()  # padding rows past the tokenizer
+    assert not sentence_end.sentence_ends(None, 10, "cpu").any()
+
+
+def test_token_texts_reads_bytes_and_decodes_the_rest():
+    class Words:
+        def __len__(self):
+            return 3
+
+        def convert_ids_to_tokens(self, ids):
+            return ["<|im_end|>", "\u2581Hi", None][: len(ids)]
+
+        def decode(self, ids):
+            if ids == [2]:
+                raise ValueError("no such id")
+            return {0: "<|im_end|>", 1: " Hi"}[ids[0]]
+
+    # ASCII pieces read as bytes (GPT-2's alphabet keeps printable ASCII as is); the others
+    # through decode; an id decode refuses is unreadable
+    assert token_text.token_texts(Words(), 3) == [("<|im_end|>", b"<|im_end|>"),
+                                                 (" Hi", None), (None, None)]
+    assert token_text.token_texts(ByteLevel(), 257)[ord("a")] == ("a", b"a")
+
+
+def test_an_equal_row_may_stop_right_after_a_sentence_end():
+    """scorer._plan_candidates: in a decode step, equal rows whose input token (the output's
+    last) ends a sentence get their stop token as one more candidate even when truncation
+    dropped it; other rows (not after a sentence end, at_least) do not; candidates carry
+    `closes`. With the rule off (no table) nothing changes."""
+    from sglang_lenvm.runtime import scorer
+    from sglang_lenvm.schema import MODE_AT_LEAST, MODE_EQUAL
+
+    V, EOS, DOT = 12, 0, 5
+    B = 3
+    logits = torch.zeros(B, V)
+    logits[:, EOS] = -12.0  # outside a top-4 candidate set, probability > 0
+    logits[:, DOT] = 1.0
+    table = torch.zeros(V, dtype=torch.bool)
+    table[DOT] = True
+    mode = torch.tensor([MODE_EQUAL, MODE_EQUAL, MODE_AT_LEAST])
+    st = types.SimpleNamespace(
+        mode=mode, target=torch.tensor([20, 20, 20]), prompt_len=torch.tensor([4, 4, 4]),
+        stop_ids=torch.tensor([[EOS, -1]] * B), top_k=torch.tensor([4, 4, 4]),
+        equal_stop_seq_len=torch.tensor([99, 99, 2**40]))
+    state = types.SimpleNamespace(modes=mode.tolist(), steer=[True] * B, num_candidates=4,
+                                  equal_stop_seq_len_cpu=torch.tensor([99, 99, 2**40]))
+    decode = types.SimpleNamespace(is_decode=lambda: True)
+    fb = types.SimpleNamespace(forward_mode=decode, input_ids=torch.tensor([DOT, 7, DOT]),
+                               seq_lens_cpu=torch.tensor([10, 10, 10]))
+    sampling = types.SimpleNamespace(top_ps=torch.ones(B), min_ps=torch.zeros(B))
+
+    def plan(ends):
+        worker = types.SimpleNamespace(config=types.SimpleNamespace(repeat_ngram=0),
+                                       use_kernels=False, sentence_ends=ends)
+        cand, must = scorer._plan_candidates(
+            worker, logits.clone(), torch.ones(B), st, sampling, torch.arange(B),
+            torch.ones(B, dtype=torch.bool), state, list(range(B)), torch.tensor([10] * B), fb)
+        return cand, must
+
+    cand, must = plan(table)
+    assert must is None  # no row near its overshoot limit
+    assert (cand.ids[:, -1] == EOS).all()
+    assert cand.valid[:, -1].tolist() == [True, False, False]
+    assert cand.base_prob[0, -1] > 0
+    assert torch.equal(cand.closes, cand.ids == DOT)
+    off, _ = plan(None)
+    assert off.closes is None and EOS not in off.ids[off.valid].tolist()
