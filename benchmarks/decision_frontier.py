@@ -61,6 +61,7 @@ def name_of(rule: dict) -> str:
     name = rule_name(rule["alpha"], _inf(rule["lambda"]), rule.get("mu", 0.0),
                      _inf(rule.get("nu")))
     name += " guard={}x{}".format(*rule["repeat"]) if rule.get("repeat") else ""
+    name += " ends" if rule.get("sentence_end") == "on" else ""
     return name + (" [{}]".format(rule["label"].split(",")[0]) if rule.get("label") else "")
 
 
@@ -87,12 +88,15 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
                   if lenvm.get("repeat_ngram") else None)
         reqs = length_following.make_requests(rows, wording, sub, servers.model_name(url))
         errors = []
-        label = rule_name(alpha, lam, mu, nu) + (" guard={}x{}".format(*repeat) if repeat else "")
+        # sentence ends in the decision (--lenvm-sentence-end; servers before it: None)
+        ends = lenvm.get("sentence_end")
+        label = (rule_name(alpha, lam, mu, nu) + (" guard={}x{}".format(*repeat) if repeat else "")
+                 + (" ends" if ends == "on" else ""))
         records = parallel.parallel_map(lambda q: length_following.run_one(url, q), reqs,
                                         args.concurrency, label, errors)
     records = [r for r in records if r is not None]
     return {"alpha": alpha, "lambda": _finite(lam), "mu": mu, "nu": _finite(nu),
-            "repeat": repeat, "server": server,
+            "repeat": repeat, "sentence_end": ends, "server": server,
             "summary": length_following.summarize(records, sub), "records": records,
             "errors": errors}
 

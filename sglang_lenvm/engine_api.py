@@ -59,7 +59,8 @@ def Engine(*, lenvm_path: str, lenvm_gamma: Optional[float] = None, **kwargs):
     """`sglang.Engine(**kwargs)` with a co-located LenVM (same checks as the server).
 
     The server's --lenvm-* flags are keyword arguments here: lenvm_top_k, lenvm_equal_distance,
-    lenvm_equal_max_overshoot, lenvm_plausibility, lenvm_equal_softness. On a machine without a
+    lenvm_equal_max_overshoot, lenvm_plausibility, lenvm_equal_softness, lenvm_sentence_end
+    (every LenVMConfig field). On a machine without a
     GPU the CPU defaults of `launch_server` apply unless given.
     """
     import torch

@@ -103,3 +103,14 @@ def test_an_equal_row_may_stop_right_after_a_sentence_end():
     assert torch.equal(cand.closes, cand.ids == DOT)
     off, _ = plan(None)
     assert off.closes is None and EOS not in off.ids[off.valid].tolist()
+
+
+def test_config_refuses_an_unknown_setting(monkeypatch):
+    from sglang_lenvm.config import ENV_VAR, LenVMConfig
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert LenVMConfig(lenvm_path="x").sentence_end == "on"
+    LenVMConfig(lenvm_path="x", sentence_end="off").to_env()  # how it reaches the scheduler
+    assert LenVMConfig.from_env().sentence_end == "off"
+    with pytest.raises(ValueError, match="--lenvm-sentence-end must be one of"):
+        LenVMConfig(lenvm_path="x", sentence_end="yes")
