@@ -158,6 +158,13 @@ SAME = ("limit", "targets", "modes", "temperature", "top_p", "top_k", "max_token
         "system", "extra_body")
 
 
+def with_baseline_summary(result: dict, records: list[dict], args) -> dict:
+    """A rule's summary against the sweep's one baseline (the first rule's, or the --out file's
+    with --append), so every row has its NLL gap and, with --samples, its spread."""
+    both = argparse.Namespace(**{**vars(args), "runs": ["baseline", "lenvm"]})
+    return length_following.summarize(result["baseline_records"] + records, both)
+
+
 def _earlier(args, fresh: dict) -> dict:
     """The earlier sweep in --out, checked to be comparable: its baseline stands for this one."""
     earlier = json.loads(Path(args.out).read_text())
@@ -221,6 +228,8 @@ def main(argv=None) -> dict:
                                   for m in args.modes}
             result["baseline_records"] = [r for r in run["records"] if r["run"] == "baseline"]
             run["records"] = [r for r in run["records"] if r["run"] == "lenvm"]
+        else:
+            run["summary"] = with_baseline_summary(result, run["records"], args)
         result["rules"].append(run)
         reporting.write_json(args.out, result)  # partial results survive an interrupted sweep
     return reporting.finish(result, args.out, plot, report)
