@@ -61,6 +61,15 @@ for part in $parts; do
                   --out $R/decision_frontier_equal_samples.json
                 $F --lifebench "$LIFEBENCH" --limit 6 --targets 16 64 128 --modes equal \
                   --samples 3 --rules 0.1:16:1:2 \
+                  --out $R/decision_frontier_lifebench_equal_samples.json
+                # Sentence ends (--lenvm-sentence-end on, the default from 2026-12-07): the
+                # rows above ran without it; these append the same runs with it.
+                $F --limit 12 --targets 16 64 128 --modes equal --samples 3 --append \
+                  --rules 0.1:16:1:2 --out $R/decision_frontier_equal_samples.json
+                $F $G --server-arg=3 --modes at_most --append --rules 0.1:16:1:2 \
+                  --out $R/decision_frontier_at_most.json
+                $F --lifebench "$LIFEBENCH" --limit 6 --targets 16 64 128 --modes equal \
+                  --samples 3 --append --rules 0.1:16:1:2 \
                   --out $R/decision_frontier_lifebench_equal_samples.json ;;
     onepass)    O="--server-arg=--lenvm-scoring --server-arg=one-pass"
                 $P -m benchmarks.latency --demo $O --no-plain --max-total-tokens 32768 \
