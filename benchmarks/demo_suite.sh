@@ -36,30 +36,32 @@ for part in $parts; do
                   --out $R/tradeoff_guard.json ;;
     tokens)     serve; $P -m benchmarks.length_tokens "$U" --limit 12 --n 2 --max-tokens 192 ;;
     frontier)   F="$P -m benchmarks.decision_frontier --demo --max-total-tokens 65536"
-                $F --limit 12 --targets 16 64 128 --modes equal --rules 0:inf 0.1:inf 0.1:4 \
+                # Every row up to the sentence-end ones ran before that rule existed.
+                OFF="--server-arg=--lenvm-sentence-end --server-arg=off"
+                $F $OFF --limit 12 --targets 16 64 128 --modes equal --rules 0:inf 0.1:inf 0.1:4 \
                   --out $R/decision_frontier_equal.json
-                $F --limit 12 --targets 16 64 128 --modes equal --append --rules 0.2:inf 0.1:8 \
+                $F $OFF --limit 12 --targets 16 64 128 --modes equal --append --rules 0.2:inf 0.1:8 \
                   0.15:inf 0.1:16 --out $R/decision_frontier_equal.json
-                $F --limit 6 --targets 16 64 --modes at_most at_least --rules 0:inf:0 0.1:16:1 \
+                $F $OFF --limit 6 --targets 16 64 --modes at_most at_least --rules 0:inf:0 0.1:16:1 \
                   --out $R/decision_frontier_bounds.json
-                $F --lifebench "${LIFEBENCH:?set LIFEBENCH to data_lite_no_summary.jsonl}" \
+                $F $OFF --lifebench "${LIFEBENCH:?set LIFEBENCH to data_lite_no_summary.jsonl}" \
                   --limit 6 --targets 16 64 128 --modes equal --rules 0:inf 0.1:16 \
                   --server-arg=--lenvm-repeat-ngram --server-arg=0 \
                   --out $R/decision_frontier_lifebench_equal.json
                 # The repetition guard, on (3 x 2, the default) and off, appended per mode.
                 G="--limit 12 --targets 16 64 128 --server-arg=--lenvm-repeat-ngram"
-                $F $G --server-arg=3 --modes equal --append --rules 0.1:16 \
+                $F $OFF $G --server-arg=3 --modes equal --append --rules 0.1:16 \
                   --out $R/decision_frontier_equal.json
-                $F $G --server-arg=0 --modes at_least --rules 0.1:16:1:2 \
+                $F $OFF $G --server-arg=0 --modes at_least --rules 0.1:16:1:2 \
                   --out $R/decision_frontier_at_least.json
-                $F $G --server-arg=3 --modes at_least --append --rules 0.1:16:1:2 \
+                $F $OFF $G --server-arg=3 --modes at_least --append --rules 0.1:16:1:2 \
                   --out $R/decision_frontier_at_least.json
-                $F $G --server-arg=3 --modes at_most --append --rules 0.1:16:1:2 \
+                $F $OFF $G --server-arg=3 --modes at_most --append --rules 0.1:16:1:2 \
                   --out $R/decision_frontier_at_most.json
                 # The default, every request 3 times: the noise of one row.
-                $F --limit 12 --targets 16 64 128 --modes equal --samples 3 --rules 0.1:16:1:2 \
+                $F $OFF --limit 12 --targets 16 64 128 --modes equal --samples 3 --rules 0.1:16:1:2 \
                   --out $R/decision_frontier_equal_samples.json
-                $F --lifebench "$LIFEBENCH" --limit 6 --targets 16 64 128 --modes equal \
+                $F $OFF --lifebench "$LIFEBENCH" --limit 6 --targets 16 64 128 --modes equal \
                   --samples 3 --rules 0.1:16:1:2 \
                   --out $R/decision_frontier_lifebench_equal_samples.json
                 # Sentence ends (--lenvm-sentence-end on, the default from 2026-12-07): the
