@@ -33,6 +33,7 @@ from sglang_lenvm.runtime.decision import (
     equal_uses_ratio,
     mask_stop_tokens,
     select_candidates,
+    stop_mask,
 )
 from sglang_lenvm.runtime.length_state import LengthState
 from sglang_lenvm.runtime.outputs import LenVMDeviceOutput
@@ -156,7 +157,8 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         if tree_k:
             parts.append(cand.ids)
             pos.append((prefix + R).view(-1, 1).expand(B, K))
-        packed = _packed_positions(worker, state, rows, cand, R) if tree_k else None
+        packed = (_packed_positions(worker, state, rows, cand, R, st.stop_ids) if tree_k
+                  else None)
         meta = StarMeta(
             req_pool_indices=forward_batch.req_pool_indices[index],
             prefix_lens=prefix,
@@ -289,29 +291,27 @@ def _with_stop_candidate(cand: Candidates, probs_of, stop_ids: torch.Tensor,
                       valid=torch.cat([cand.valid, ok.view(-1, 1)], dim=1))
 
 
-def _packed_positions(worker, state: LengthState, rows, cand: Candidates,
-                      R: int) -> Optional[torch.Tensor]:
+def _packed_positions(worker, state: LengthState, rows, cand: Candidates, R: int,
+                      stop_ids: torch.Tensor) -> Optional[torch.Tensor]:
     """The positions of the [B, 1 + K] star trees the forward computes: every root and each
     row's own candidate slots, so one request's top_k = 64 does not give every row a
     65-token tree, and a row that only reports values has none. None: all of them.
 
-    CPU: exactly the valid slots. GPU: each row's top_k slots (and the stop slot of steering
-    rows where one was appended), counted on the host and memoized per batch: no device sync.
+    Stop tokens are never computed: their value is 0 by definition (decide_from_values and
+    the fused kernel set it whatever the forward gives). CPU: exactly the valid non-stop
+    slots. GPU: each row's top_k slots (the appended stop slot left out), counted on the host
+    and memoized per batch: no device sync.
     """
     if not worker.use_kernels:
-        return _valid_positions(cand.valid, R)
+        return _valid_positions(cand.valid & ~stop_mask(cand.ids, stop_ids), R)
     B, K = cand.ids.shape
-    stop_slot = K > state.num_candidates  # _with_stop_candidate appended one
     T = R + K
 
     def build():
         keep = []
         for b, i in enumerate(rows):
-            steer = state.steer[i]
-            cap = min(state.top_ks[i], state.num_candidates) if steer else 0
+            cap = min(state.top_ks[i], state.num_candidates) if state.steer[i] else 0
             keep += [b * T + j for j in range(R + cap)]
-            if stop_slot and steer:
-                keep.append(b * T + T - 1)
         return keep
 
     def packed():
@@ -326,6 +326,8 @@ def _valid_positions(valid: torch.Tensor, R: int) -> Optional[torch.Tensor]:
     keep = torch.cat([torch.ones_like(valid[:, :R]), valid], 1).view(-1)
     if bool(keep.all()):
         return None
+    if not bool(keep.any()):  # a prefill whose only candidates are stop tokens: one token
+        keep[0] = True
     return keep.nonzero().view(-1)
 
 
