@@ -19,8 +19,9 @@ fast) leaves partial z sums in different programs, and Triton has no grid-wide b
    The fc GEMM runs on tensor cores in 3xTF32 ("tf32x3"), which keeps float32 accuracy: the
    head is float32 on purpose (p near 1 is where ln(1-p)/ln(gamma) is most sensitive).
 2. `_decision_kernel`, grid (B,): sums the partials + summary bias, sigmoid, stop tokens -> 0,
-   NaN -> 0 (with a per-row `cand_ok` flag as the scorer keeps), remaining length (at most 1
-   after a sentence end in equal and at_most rows), the plausibility floor, the equal and at_most (hard or soft) / at_least rules with decide()'s
+   NaN -> 0 (with a per-row `cand_ok` flag as the scorer keeps), remaining length (a sentence
+   end may be 1 token from the end: decide()), the plausibility floor, the equal and at_most
+   (hard or soft) / at_least rules with decide()'s
    +-1/2 rounding tolerance, beta tilting, the forced stop past equal's overshoot limit and
    greedy argmax, writing q over the candidate slots.
 
