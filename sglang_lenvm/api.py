@@ -229,9 +229,15 @@ def rewrite_body(method: str, path: str, body: dict) -> bool:
     return False
 
 
+# SGLang's scheduler packs every request's top_k into an int32 tensor and its sampling_seed into
+# an int64 one, outside any per-request error handling: one value past them stops the server.
+_INT_BOUNDS = {"top_k": 2**31 - 1, "sampling_seed": 2**63 - 1}
+
+
 def _check_sample_counts(body: dict) -> None:
-    """`n` / `best_of` above the server's cap, wherever a route reads them: 400 naming it.
-    Other wrong types are left to SGLang's own validation (it answers them with 400/422)."""
+    """`n` / `best_of` above the server's cap, and `top_k` / `sampling_seed` past what the
+    scheduler can hold, wherever a route reads them: 400 naming the field. Other wrong types
+    are left to SGLang's own validation (it answers them with 400/422)."""
     nodes = [body]
     for key in ("sampling_params", "parameters"):
         nested = body.get(key)
@@ -247,6 +253,11 @@ def _check_sample_counts(body: dict) -> None:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > _max_n:
                 raise RequestError(f"{field} must be at most {_max_n} on this server "
                                    f"(--lenvm-max-n), got {v}", field)
+        for field, bound in _INT_BOUNDS.items():
+            v = node.get(field)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+                    -bound - 1 <= v <= bound):
+                raise RequestError(f"{field} must be at most {bound} in size, got {v}", field)
 
 
 def _refuse_fields(node: dict, where: str) -> None:

@@ -109,6 +109,23 @@ def test_huge_sample_counts_are_refused_before_any_work(server, method, path, bo
     assert r.status_code == 400 and r.json()["param"] == "n", r.text
 
 
+@pytest.mark.parametrize("method,path,body,private", GUIDED, ids=[f"{m} {p}" for m, p, *_ in GUIDED])
+@pytest.mark.parametrize("field,value", [("top_k", 2**31), ("top_k", 1e20),
+                                         ("sampling_seed", 2**64)])
+def test_values_the_scheduler_cannot_hold_are_refused(server, method, path, body, private,
+                                                      field, value):
+    """An unguided top_k of 2**31 (found by the fuzz test) overflowed the scheduler's int32
+    top_k tensor and stopped the server: 400 naming the field, and the server serves on."""
+    body = copy.deepcopy(private)
+    body.pop("custom_params", None)
+    sp = body.get("parameters", body).get("sampling_params", body)
+    sp.pop("custom_params", None)
+    sp[field] = value
+    r = send(server, method, path, body)
+    assert r.status_code == 400 and r.json()["param"] == field, r.text
+    assert server.get("/health_generate").status_code == 200
+
+
 def test_form_fields_are_refused(server):
     r = requests.post(server.url + "/v1/audio/transcriptions",
                       files={"file": ("a.wav", b"RIFF")}, data={"length_target": "5"}, timeout=60)
