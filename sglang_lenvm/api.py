@@ -205,7 +205,11 @@ def rewrite_body(method: str, path: str, body: dict) -> bool:
     where = find_private_key(body)
     if where is not None:
         raise RequestError(f"{where} is reserved for the server's own use", WIRE_NAME)
-    _check_sample_counts(body)
+    changed = _check_sample_counts(body)
+    return _rewrite_length_fields(method, path, body) or changed
+
+
+def _rewrite_length_fields(method: str, path: str, body: dict) -> bool:
     route = _length_route(method, path)
     if route == "openai":
         if not any(f in body for f in FIELDS):
@@ -234,10 +238,12 @@ def rewrite_body(method: str, path: str, body: dict) -> bool:
 _INT_BOUNDS = {"top_k": 2**31 - 1, "sampling_seed": 2**63 - 1}
 
 
-def _check_sample_counts(body: dict) -> None:
+def _check_sample_counts(body: dict) -> bool:
     """`n` / `best_of` above the server's cap, and `top_k` / `sampling_seed` past what the
-    scheduler can hold, wherever a route reads them: 400 naming the field. Other wrong types
-    are left to SGLang's own validation (it answers them with 400/422)."""
+    scheduler can hold, wherever a route reads them: 400 naming the field. A null `n` /
+    `best_of` in sampling params is dropped (True: the body changed). Other wrong types are
+    left to SGLang's own validation (it answers them with 400/422)."""
+    changed = False
     nodes = [body]
     for key in ("sampling_params", "parameters"):
         nested = body.get(key)
@@ -249,6 +255,9 @@ def _check_sample_counts(body: dict) -> None:
                              if isinstance(i, dict))
     for node in nodes:
         for field in ("n", "best_of"):
+            if field in node and node[field] is None and node is not body:
+                del node[field]  # null is "not given"; SGLang's /generate answered it with 500
+                changed = True
             v = node.get(field)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > _max_n:
                 raise RequestError(f"{field} must be at most {_max_n} on this server "
@@ -258,6 +267,7 @@ def _check_sample_counts(body: dict) -> None:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not (
                     -bound - 1 <= v <= bound):
                 raise RequestError(f"{field} must be at most {bound} in size, got {v}", field)
+    return changed
 
 
 def _refuse_fields(node: dict, where: str) -> None:

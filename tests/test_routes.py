@@ -126,6 +126,15 @@ def test_values_the_scheduler_cannot_hold_are_refused(server, method, path, body
     assert server.get("/health_generate").status_code == 200
 
 
+def test_a_null_sample_count_is_not_given(server):
+    """`"n": null` in /generate's sampling_params (found by the fuzz test) was a 500."""
+    for sp in ({"max_new_tokens": 3, "n": None}, {"max_new_tokens": 3, "n": None,
+                                                   "length_target": 3, "length_mode": "at_most"}):
+        r = server.post("/generate", {"text": "Hi", "sampling_params": sp})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["output_ids"]) <= 3
+
+
 def test_form_fields_are_refused(server):
     r = requests.post(server.url + "/v1/audio/transcriptions",
                       files={"file": ("a.wav", b"RIFF")}, data={"length_target": "5"}, timeout=60)

@@ -114,3 +114,30 @@ def test_config_refuses_an_unknown_setting(monkeypatch):
     assert LenVMConfig.from_env().sentence_end == "off"
     with pytest.raises(ValueError, match="--lenvm-sentence-end must be one of"):
         LenVMConfig(lenvm_path="x", sentence_end="yes")
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_stop_slots_are_never_run_through_the_lenvm(use_kernels):
+    """scorer._packed_positions: a stop-token candidate's value is 0 by definition, so the
+    star forward leaves it out: on CPU every stop slot (appended or inside the top-k), on GPU
+    the appended one (known on the host)."""
+    from sglang_lenvm.runtime import scorer
+    from sglang_lenvm.runtime.decision import Candidates
+
+    EOS, R = 0, 1
+    ids = torch.tensor([[4, EOS, 5, EOS], [6, 7, 8, EOS]])  # slot 3: the appended stop slot
+    valid = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    cand = Candidates(ids=ids, base_prob=torch.full((2, 4), 0.25), valid=valid)
+    memo = {}
+    state = types.SimpleNamespace(
+        num_candidates=3, top_ks=[3, 3], steer=[True, True],
+        memo=lambda key, make: memo.setdefault(key, make()),
+        memo_tensor=lambda keep: torch.tensor(keep))
+    worker = types.SimpleNamespace(use_kernels=use_kernels)
+    got = scorer._packed_positions(worker, state, [0, 1], cand, R,
+                                   torch.tensor([[EOS, -1], [EOS, -1]])).tolist()
+    T = R + 4
+    if use_kernels:  # roots and the top_k slots; the stop token inside them cannot be seen
+        assert got == [0, 1, 2, 3, T, T + 1, T + 2, T + 3]
+    else:  # roots and the valid non-stop slots
+        assert got == [0, 1, 3, T, T + 1, T + 2, T + 3]

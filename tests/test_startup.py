@@ -57,6 +57,9 @@ def test_bad_flags_are_refused(models, capsys):
                "--lenvm-equal-distance", "log", capsys=capsys)
     assert r.returncode != 0 and "--lenvm-equal-distance: invalid choice: 'log'" in r.stderr
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
+               "--lenvm-sentence-end", "yes", capsys=capsys)
+    assert r.returncode != 0 and "--lenvm-sentence-end: invalid choice: 'yes'" in r.stderr
+    r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                "--lenvm-equal-max-overshoot", "nan")
     assert r.returncode != 0 and "--lenvm-equal-max-overshoot must be >= 0" in r.stderr
 
@@ -71,8 +74,7 @@ def test_bad_flags_are_refused(models, capsys):
     ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
     ("--lenvm-repeat-ngram", "-1", f"--lenvm-repeat-ngram must be in [0, {WINDOW}]"),
     ("--lenvm-repeat-limit", "0", "--lenvm-repeat-limit must be >= 1"),
-    ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1"),
-    ("--lenvm-sentence-end", "yes", "--lenvm-sentence-end: invalid choice: 'yes'")])
+    ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")])
 def test_bad_rule_flags_are_refused(models, flag, value, message):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                flag, value)
