@@ -343,3 +343,39 @@ def test_a_sentence_end_counts_as_one_token_from_the_end():
     assert hard.tolist() == [[0, 1, 0]]
     # at_least, r = 20: a sentence end is not the end before the target.
     assert torch.equal(q_of(MODE_AT_LEAST, 30, 9, closes), q_of(MODE_AT_LEAST, 30, 9, None))
+
+
+@pytest.mark.parametrize("rule", [
+    dict(plausibility=0.1, equal_softness=16.0, at_least_end_pull=1.0, at_most_softness=2.0),
+    dict(plausibility=0.1),
+    dict(plausibility=0.3, equal_distance="tokens"),
+])
+def test_slots_under_the_plausibility_floor_are_never_read(rule):
+    """The scorer drops the slots outside plausible_slots before the LenVM forward. That is
+    exact only if decide() never reads their values: on random rows of every mode (stop
+    tokens below the floor, sentence ends, must_stop, greedy rows), making those slots
+    invalid and giving them other values leaves q unchanged."""
+    from sglang_lenvm.runtime.decision import plausible_slots, stop_mask
+
+    gen = torch.Generator().manual_seed(0)
+    B, K = 256, 9
+    base = torch.rand(B, K, generator=gen) ** 3
+    base = (base / base.sum(1, keepdim=True)).sort(1, descending=True).values
+    count = torch.randint(1, K + 1, (B,), generator=gen)
+    valid = torch.arange(K).view(1, K) < count.view(B, 1)
+    ids = torch.randperm(50, generator=gen)[:K].expand(B, K).clone()
+    stop_ids = torch.tensor([[int(ids[0, K - 1]), -1]]).expand(B, 2)  # the least likely slot
+    closes = torch.rand(B, K, generator=gen) < 0.2
+    c = Candidates(ids=ids, base_prob=base, valid=valid, closes=closes)
+    is_stop = stop_mask(ids, stop_ids)
+    p = torch.where(is_stop, 0.0, torch.rand(B, K, generator=gen))
+    kw = dict(mode=torch.tensor([MODE_NONE, MODE_EQUAL, MODE_AT_MOST, MODE_AT_LEAST] * (B // 4)),
+              target=torch.randint(1, 200, (B,), generator=gen),
+              generated=torch.randint(0, 200, (B,), generator=gen),
+              beta=torch.randn(B, generator=gen), greedy=torch.rand(B, generator=gen) < 0.2,
+              gamma=0.997, is_stop=is_stop, must_stop=torch.rand(B, generator=gen) < 0.1)
+    keep = plausible_slots(c, is_stop, rule["plausibility"])
+    assert (keep.sum(1) < valid.sum(1)).any() and (keep & is_stop & ~(base >= 0.1 * base[:, :1])).any()
+    pruned = Candidates(ids=ids, base_prob=base, valid=keep, closes=closes)
+    garbage = torch.where(keep, p, torch.rand(B, K, generator=gen))
+    assert torch.equal(decide(c, p, **kw, **rule), decide(pruned, garbage, **kw, **rule))

@@ -88,7 +88,7 @@ def test_an_equal_row_may_stop_right_after_a_sentence_end():
     sampling = types.SimpleNamespace(top_ps=torch.ones(B), min_ps=torch.zeros(B))
 
     def plan(ends):
-        worker = types.SimpleNamespace(config=types.SimpleNamespace(repeat_ngram=0),
+        worker = types.SimpleNamespace(config=types.SimpleNamespace(repeat_ngram=0, plausibility=0.1),
                                        use_kernels=False, sentence_ends=ends)
         cand, must = scorer._plan_candidates(
             worker, logits.clone(), torch.ones(B), st, sampling, torch.arange(B),

@@ -84,6 +84,20 @@ def force_stop_value(p: torch.Tensor, ids: torch.Tensor, stop_ids: torch.Tensor)
     return torch.where(stop_mask(ids, stop_ids), torch.zeros_like(p), p)
 
 
+def plausible_slots(cand: Candidates, is_stop: torch.Tensor, plausibility: float) -> torch.Tensor:
+    """[B, K] the candidates that compete on length: base >= plausibility x the row's most
+    likely valid candidate, that one itself (slot 0) and stop tokens (ending is always possible).
+
+    Every other slot gets q = 0 in every mode of `decide`, so its value is never read: the
+    scorer drops those slots before the LenVM forward (`scorer._plan_candidates`).
+    """
+    valid = cand.valid
+    base_max = torch.where(valid, cand.base_prob, torch.zeros_like(cand.base_prob)).amax(1, True)
+    plausible = valid & ((cand.base_prob >= plausibility * base_max) | is_stop)
+    plausible[:, 0] |= valid[:, 0]  # slot 0 is the most likely candidate
+    return plausible
+
+
 def equal_uses_ratio(equal_distance: str) -> bool:
     """True for "ratio", False for "tokens" (how `equal` measures the closest candidate)."""
     if equal_distance not in EQUAL_DISTANCES:
@@ -149,9 +163,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
         length = torch.where(cand.closes & (mode == MODE_EQUAL) & end_closer, one, length)
         length = torch.where(cand.closes & (mode == MODE_AT_MOST), length.clamp_max(1.0), length)
     stop = is_stop if is_stop is not None else torch.zeros_like(valid)
-    base_max = torch.where(valid, cand.base_prob, torch.zeros_like(cand.base_prob)).amax(1, True)
-    plausible = valid & ((cand.base_prob >= plausibility * base_max) | stop)
-    plausible[:, 0] |= valid[:, 0]  # slot 0 is the most likely candidate
+    plausible = plausible_slots(cand, stop, plausibility)
 
     if ratio:
         # The LenVM's errors are relative (a continuation predicted at 100 tokens may well end

@@ -32,6 +32,7 @@ from sglang_lenvm.runtime.decision import (
     distribution_to_logits,
     equal_uses_ratio,
     mask_stop_tokens,
+    plausible_slots,
     select_candidates,
     stop_mask,
 )
@@ -205,7 +206,9 @@ def score_rows(worker: LenVMWorker, logits: torch.Tensor, sampling_info, forward
         ok=ok,
         gamma=worker.gamma,
         cand_ids=cand.ids if decision is not None else None,
-        p_cand=decision.p_cand if decision is not None else None,
+        # -1 marks the slots that were not candidates (their value was never computed)
+        p_cand=(decision.p_cand.masked_fill(~cand.valid, -1.0) if decision is not None
+                else None),
     )
     return StepResult(index, use, new, neutralize, output)
 
@@ -234,6 +237,11 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
                                  state.num_candidates)
     cand.valid &= steer.view(-1, 1)
     cand.valid[:, 0] |= steer & (cand.base_prob[:, 0] > 0)
+    # Candidates under the plausibility floor never win (decide gives them q = 0 in every
+    # mode), so they are not candidates at all: the star forward does not compute them. With
+    # the default floor (0.1) and top_k = 15 most rows keep a few of their 15 slots.
+    cand.valid = plausible_slots(cand, stop_mask(cand.ids, st.stop_ids),
+                                 worker.config.plausibility)
     if not worker.use_kernels:
         cand = _drop_unused_slots(cand)
     must_stop = None
@@ -335,12 +343,15 @@ def _drop_unused_slots(cand: Candidates) -> Candidates:
     """Keep only the candidate slots some row uses (CPU path).
 
     Every slot is a token of the LenVM forward, and on a CPU the forward's cost grows with its
-    token count: with top-p / min-p most rows have far fewer than K candidates. Valid slots
-    are a prefix of each row (truncation keeps the most likely tokens), so the slots past the
-    longest row's count are invalid everywhere. The GPU path keeps K slots: finding the count
-    would cost a device sync, and there the forward is bound by reading the prefix KV.
+    token count: with top-p / min-p and the plausibility floor most rows have far fewer than
+    K candidates. Slots are sorted by base probability, so valid ones are mostly a prefix (a
+    stop token below the floor stays valid); the slots past every row's last valid one go.
+    The GPU path keeps K slots: finding the count would cost a device sync, and there the
+    forward is bound by reading the prefix KV.
     """
-    used = max(int(cand.valid.sum(1).max()), 1)
+    K = cand.ids.shape[1]
+    last = (cand.valid * torch.arange(1, K + 1, device=cand.valid.device)).amax()
+    used = max(int(last), 1)
     if used == cand.ids.shape[1]:
         return cand
     return Candidates(ids=cand.ids[:, :used], base_prob=cand.base_prob[:, :used],
