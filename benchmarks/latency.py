@@ -247,6 +247,9 @@ def main(argv=None) -> dict:
     with servers.lenvm_server(args, ap) as srv:
         result["server"] = servers.server_info(srv["url"])
         measure_server(srv["url"], runs, args, servers.model_name(srv["url"]), result)
+        # How much LenVM work the guided runs did (star tokens, candidates computed), read
+        # right after them: the counters cover everything this server served.
+        result["lenvm_stats_after_run"] = servers.lenvm_work(srv["url"])
         base = srv["base"]
     # A plain server started here runs after ours has stopped (if we started ours), so the two
     # do not share the machine.

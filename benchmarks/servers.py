@@ -95,6 +95,18 @@ def plain_server(base: str, args) -> Iterator[str]:
             yield srv.url
 
 
+WORK_COUNTERS = ("star_forwards", "star_rows", "star_tokens", "candidates_scored")
+
+
+def lenvm_work(url: str) -> dict:
+    """The LenVM's work counters (/lenvm/stats), summed over DP ranks; {} if unavailable."""
+    try:
+        ranks = requests.get(url + "/lenvm/stats", timeout=30).json()
+        return {k: sum(int(r.get(k) or 0) for r in ranks) for k in WORK_COUNTERS}
+    except (requests.RequestException, ValueError, TypeError, AttributeError) as e:
+        return {"error": repr(e)}
+
+
 def server_info(url: str) -> dict:
     """The served model and LenVM settings as the server reports them (best effort)."""
     info = {"url": url}

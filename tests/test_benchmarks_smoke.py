@@ -180,6 +180,8 @@ def test_latency_smoke(server, models, tmp_path):
         assert set(by_pair) == {"guided_k3_vs_unguided", "unguided_vs_plain_sglang"}
         assert all(finite(v["output_tok_s"]) and v["output_tok_s"] > 0 for v in by_pair.values())
     assert data["plain_server"]["model"] and data["server"]["lenvm"]["gamma"]
+    work = data["lenvm_stats_after_run"]
+    assert work["candidates_scored"] > 0 and work["star_tokens"] > work["candidates_scored"]
 
 
 def test_bench_serving_ratio_smoke(server, tmp_path):
