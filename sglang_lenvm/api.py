@@ -205,7 +205,7 @@ def rewrite_body(method: str, path: str, body: dict) -> bool:
     where = find_private_key(body)
     if where is not None:
         raise RequestError(f"{where} is reserved for the server's own use", WIRE_NAME)
-    changed = _check_sampling_values(body)
+    changed = check_sampling_values(body)
     return _rewrite_length_fields(method, path, body) or changed
 
 
@@ -238,7 +238,7 @@ def _rewrite_length_fields(method: str, path: str, body: dict) -> bool:
 _INT_BOUNDS = {"top_k": 2**31 - 1, "sampling_seed": 2**63 - 1}
 
 
-def _check_sampling_values(body: dict) -> bool:
+def check_sampling_values(body: dict) -> bool:
     """`n` / `best_of` above the server's cap, and `top_k` / `sampling_seed` past what the
     scheduler can hold, wherever a route reads them: 400 naming the field. A null `n` /
     `best_of` in sampling params is dropped (True: the body changed). Other wrong types are

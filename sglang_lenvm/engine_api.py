@@ -31,6 +31,9 @@ def prepare(obj, context_len: Optional[int]) -> None:
         return
     items = [dict(sp) if isinstance(sp, dict) else sp for sp in
              (sps if isinstance(sps, list) else [sps])]
+    # The bounds the HTTP middleware checks on every route (a top_k past int32 stops the
+    # scheduler, whoever sends it).
+    api.check_sampling_values({"sampling_params": items})
     for sp in items:
         if not isinstance(sp, dict):
             continue

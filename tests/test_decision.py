@@ -379,3 +379,20 @@ def test_slots_under_the_plausibility_floor_are_never_read(rule):
     pruned = Candidates(ids=ids, base_prob=base, valid=keep, closes=closes)
     garbage = torch.where(keep, p, torch.rand(B, K, generator=gen))
     assert torch.equal(decide(c, p, **kw, **rule), decide(pruned, garbage, **kw, **rule))
+
+
+def test_select_candidates_returns_the_row_log_sum_exp():
+    """return_lse: any token's probability is exp(logit / T - lse), the scorer's lookup of a
+    stop token that truncation dropped; the candidates are those of the plain call."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 40, generator=g) * 3
+    logits[1, 7] = float("-inf")
+    temp, ones = torch.tensor([0.5, 1.0, 1.5, 2.0]), torch.ones(4)
+    args = (logits, temp, torch.full((4,), 6), ones, torch.zeros(4), 6)
+    c, lse = select_candidates(*args, return_lse=True)
+    want = torch.softmax(logits / temp.view(-1, 1), -1)
+    assert torch.allclose(torch.exp(logits / temp.view(-1, 1) - lse.view(-1, 1)), want,
+                          atol=1e-6)
+    plain = select_candidates(*args)
+    assert torch.equal(c.ids, plain.ids) and torch.equal(c.valid, plain.valid)
+    assert torch.allclose(c.base_prob, want.gather(1, c.ids), atol=1e-6)

@@ -28,7 +28,9 @@ SCRIPT = textwrap.dedent('''
                                               "length_target": 3, "length_mode": "at_most"}])
         results["batch"] = [o["meta_info"]["completion_tokens"] for o in batch]
         for name, bad in [("field", {"length_target": "5"}),
-                          ("private", {"custom_params": {"__lenvm": {"bogus": 1}}})]:
+                          ("private", {"custom_params": {"__lenvm": {"bogus": 1}}}),
+                          ("top_k", {"top_k": 2**31}),  # past int32: it stopped the scheduler
+                          ("sampling_seed", {"sampling_seed": -2**63 - 1})]:
             try:
                 engine.generate("x", {"max_new_tokens": 4, **bad})
                 results[name] = None
@@ -54,4 +56,5 @@ def test_engine_api_length_fields(models):
     assert res["batch"] == [9, 3]
     assert res["field"] == "length_target"
     assert res["private"] == "custom_params.__lenvm"
+    assert res["top_k"] == "top_k" and res["sampling_seed"] == "sampling_seed"
     assert res["after"] == 3

@@ -54,14 +54,18 @@ def mask_unless_empty(logits: torch.Tensor, ban: torch.Tensor) -> None:
 
 
 def select_candidates(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                      top_p: torch.Tensor, min_p: torch.Tensor, k_max: int) -> Candidates:
+                      top_p: torch.Tensor, min_p: torch.Tensor, k_max: int, *,
+                      return_lse: bool = False):
     """Top-k / top-p / min-p truncation of softmax(logits / temperature), K = k_max slots.
 
     top_k [B] is each row's candidate count (<= k_max); top_p / min_p [B] as in SGLang's
     sampler: keep a token while the probability mass before it is < top_p, and while its
     probability is >= min_p * max probability. The most likely token is always kept.
+    With return_lse also the row log-sum-exp [B] of logits / temperature, so that any other
+    token's probability is one gathered logit (no second softmax over [B, V]).
     """
-    probs = torch.softmax(logits.float() / temperature.float().view(-1, 1), dim=-1)
+    scaled = logits.float() / temperature.float().view(-1, 1)
+    probs = torch.softmax(scaled, dim=-1)  # as SGLang's sampler rounds (min-p ties)
     k = min(k_max, logits.shape[-1])
     base, ids = torch.topk(probs, k, dim=-1)
     rank = torch.arange(k, device=logits.device).view(1, -1)
@@ -71,7 +75,8 @@ def select_candidates(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     valid &= base >= base[:, :1] * min_p.float().view(-1, 1)
     valid &= base > 0  # grammar-masked (-inf) logits are never candidates
     valid[:, 0] |= base[:, 0] > 0
-    return Candidates(ids=ids, base_prob=base, valid=valid)
+    cand = Candidates(ids=ids, base_prob=base, valid=valid)
+    return (cand, torch.logsumexp(scaled, dim=-1)) if return_lse else cand
 
 
 def stop_mask(ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:

@@ -368,10 +368,10 @@ def _candidates(worker, row_logits, temps, st, sampling_info, index, K):
 
         tensors, lse = select_candidates_triton(*args, return_lse=True)
         cand = Candidates(*tensors)
-        return cand, lambda ids: torch.exp(
-            row_logits.gather(1, ids) / temps.view(-1, 1) - lse.view(-1, 1))
-    cand = select_candidates(*args)
-    return cand, lambda ids: torch.softmax(row_logits / temps.view(-1, 1), dim=-1).gather(1, ids)
+    else:
+        cand, lse = select_candidates(*args, return_lse=True)
+    return cand, lambda ids: torch.exp(
+        row_logits.float().gather(1, ids) / temps.float().view(-1, 1) - lse.view(-1, 1))
 
 
 def _values_and_decision(worker, tokens, positions, meta, cand, st, generated, must_stop,
