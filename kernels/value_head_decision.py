@@ -90,7 +90,7 @@ def _decision_kernel(
     ZPART, SUMMARY_BIAS, IDS, BASE, VALID, CLOSES, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
     MUST_STOP, P_ALL, P_CAND, Q, CAND_OK,
     n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness, end_pull,
-    at_most_softness,
+    at_most_softness, at_most_end_weight,
     stride_zp, stride_ids, stride_base, stride_valid, stride_closes, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -137,13 +137,14 @@ def _decision_kernel(
     r = tl.maximum(tl.load(TARGET + b) - tl.load(GENERATED + b) - 1, 0).to(tl.float32)
     if HAS_CLOSES:  # a sentence end: stop after it (1 left) or go on (decide())
         closes = tl.load(CLOSES + b * stride_closes + offs_k, mask=k_ok, other=0).to(tl.int1)
+        ends = closes & ~is_stop  # on a stop slot `closes` is about the token before
         if EQUAL_RATIO:
             end_closer = (tl.abs(0.6931471805599453 - tl.log(1.0 + r))
                           < tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)))
         else:
             end_closer = tl.abs(1.0 - r) < tl.abs(length - r)
-        length = tl.where(closes & (mode == EQUAL) & end_closer, 1.0, length)
-        length = tl.where(closes & (mode == AT_MOST), tl.minimum(length, 1.0), length)
+        length = tl.where(ends & (mode == EQUAL) & end_closer, 1.0, length)
+        length = tl.where(ends & (mode == AT_MOST), tl.minimum(length, 1.0), length)
     INF = float("inf")
     # Plausibility floor: only candidates with base >= plausibility x the row's most likely
     # compete on length; slot 0 (the most likely) and stop tokens always do.
@@ -180,6 +181,10 @@ def _decision_kernel(
     # torch.softmax, a row with nothing admissible yields NaN (decide() then uses the one-hot,
     # or the row is unused).
     log_base = tl.log(tl.maximum(base, 1e-30))
+    if HAS_CLOSES:  # at_most right after a sentence end: a floor on its stop token (decide())
+        lift = (mode == AT_MOST) & is_stop & closes & valid & (at_most_end_weight > 0)
+        log_base = tl.where(lift, tl.log(tl.maximum(tl.maximum(base, at_most_end_weight
+                                                               * base_max), 1e-30)), log_base)
     logq = tl.where(admissible, log_base + tl.load(BETA + b) * p, float("-inf"))
     if SOFT_EQUAL:
         soft = tl.where(plausible, log_base - softness * dist, float("-inf"))
@@ -259,14 +264,16 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
                                mode_codes: Tuple[int, int, int], equal_ratio: bool,
                                plausibility: float = 0.0, equal_softness: float = math.inf,
                                at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
+                               at_most_end_weight: float = 0.0,
                                must_stop=None, closes=None) -> DecisionTensors:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
     ids / base_prob / valid [B, K] are the candidates (K = T - has_root), stop_ids [B, S] -1
     padded; mode / target / generated / beta / greedy / must_stop [B]; mode_codes the values
     of `mode` that mean (equal, at_most, at_least); equal_ratio: equal compares
-    ln(1 + length) (else the length itself); closes [B, K] bool or None: the candidates that
-    end a sentence (`Candidates.closes`); the other knobs as in the runtime's `decide`.
+    ln(1 + length) (else the length itself); closes [B, K] bool or None: `Candidates.closes`
+    (tokens that end a sentence; stop slots right after one); the other knobs as in the
+    runtime's `decide`.
     """
     B, K = ids.shape
     T = K + int(has_root)
@@ -296,7 +303,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         generated, beta, greedy, must, p_all, p_cand, q, cand_ok,
         zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma), float(plausibility),
         float(equal_softness) if soft else 0.0, float(at_least_end_pull),
-        float(at_most_softness) if soft_at_most else 0.0,
+        float(at_most_softness) if soft_at_most else 0.0, float(at_most_end_weight),
         zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), ends.stride(0),
         stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),

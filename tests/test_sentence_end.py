@@ -100,7 +100,9 @@ def test_an_equal_row_may_stop_right_after_a_sentence_end():
     assert (cand.ids[:, -1] == EOS).all()
     assert cand.valid[:, -1].tolist() == [True, False, False]
     assert cand.base_prob[0, -1] > 0
-    assert torch.equal(cand.closes, cand.ids == DOT)
+    # tokens: whether they end a sentence; stop slots: whether the output's last token did
+    ended = torch.tensor([True, False, True]).view(-1, 1)
+    assert torch.equal(cand.closes, torch.where(cand.ids == EOS, ended, cand.ids == DOT))
     off, _ = plan(None)
     assert off.closes is None and EOS not in off.ids[off.valid].tolist()
 

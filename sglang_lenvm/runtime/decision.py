@@ -25,8 +25,10 @@ class Candidates:
     ids: torch.Tensor  # [B, K] int64 token ids, sorted by base probability (descending)
     base_prob: torch.Tensor  # [B, K] float32 base probability (after temperature, full vocab)
     valid: torch.Tensor  # [B, K] bool: inside the row's top-k / top-p / min-p truncation
-    # [B, K] bool or None: candidates that end a sentence, after which the scorer lets the
-    # output stop (the stop token is a candidate of the next step); see `decide`
+    # [B, K] bool or None: candidates after which the text stands at a sentence end. On a
+    # token: it ends a sentence (the scorer then lets the output stop: its stop token is a
+    # candidate of the next step). On a stop slot: the output's last token ended one, so
+    # stopping here ends on a full sentence. See `decide`.
     closes: Optional[torch.Tensor] = None
 
 
@@ -115,7 +117,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
            gamma: float, is_stop: Optional[torch.Tensor] = None,
            equal_distance: str = DEFAULT_EQUAL_DISTANCE, plausibility: float = 0.0,
            equal_softness: float = math.inf, at_least_end_pull: float = 0.0,
-           at_most_softness: float = math.inf,
+           at_most_softness: float = math.inf, at_most_end_weight: float = 0.0,
            must_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
@@ -140,7 +142,9 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     Only plausible candidates compete on length: base(x) >= plausibility * max base, plus the
     most likely candidate and stop tokens (ending is always possible). A candidate that ends
     a sentence (`cand.closes`) may be the last before the stop token: in equal rows its l(x) is
-    1 where 1 is closer to r than l(x) is, in at_most rows min(l(x), 1). Then
+    1 where 1 is closer to r than l(x) is, in at_most rows min(l(x), 1); right after one, an
+    at_most row's stop token (a stop slot with `closes`) weighs at least at_most_end_weight x
+    the row's most likely candidate (0: its own base probability). Then
     q ~ q * exp(beta * p) (exponential tilting) for the sampling modes; rows with `must_stop`
     (equal past its overshoot limit) take their most likely stop slot if they have one; greedy
     rows take the argmax of q.
@@ -151,6 +155,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     inf = torch.full_like(length, float("inf"))
     mode = mode.view(-1, 1)
     ratio = equal_uses_ratio(equal_distance)
+    stop = is_stop if is_stop is not None else torch.zeros_like(valid)
     if cand.closes is not None:
         # The LenVM predicts how long the base model would go on after a full stop, but the
         # scorer can end the output there (it makes the stop token a candidate of the next
@@ -160,14 +165,14 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
         # stop token that cost 10 to 31 nats under the base model (README, "Where the text
         # ends"). at_least keeps the LenVM's l: before its target a sentence end is not the end.
         one = torch.ones_like(length)
+        closes = cand.closes & ~stop  # on a stop slot `closes` is about the token before
         if ratio:
             end_closer = (math.log(2.0) - torch.log1p(r)).abs() < (torch.log1p(length)
                                                                    - torch.log1p(r)).abs()
         else:
             end_closer = (one - r).abs() < (length - r).abs()
-        length = torch.where(cand.closes & (mode == MODE_EQUAL) & end_closer, one, length)
-        length = torch.where(cand.closes & (mode == MODE_AT_MOST), length.clamp_max(1.0), length)
-    stop = is_stop if is_stop is not None else torch.zeros_like(valid)
+        length = torch.where(closes & (mode == MODE_EQUAL) & end_closer, one, length)
+        length = torch.where(closes & (mode == MODE_AT_MOST), length.clamp_max(1.0), length)
     plausible = plausible_slots(cand, stop, plausibility)
 
     if ratio:
@@ -206,6 +211,19 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     # Sampling choices: base probabilities over the admissible set, tilted by exp(beta * p);
     # soft equal: base probabilities weighed by exp(-softness * d) (d is inf off plausible).
     log_base = torch.log(cand.base_prob.clamp_min(1e-30))
+    if at_most_end_weight > 0 and cand.closes is not None:
+        # The soft at_most rule lets the text run toward T, and 61% of its outputs were cut
+        # there mid-sentence by the forced stop token, at 13 nats each (README, "Where the text
+        # ends"): the base model rarely ends an answer it could go on with, so after a sentence
+        # end its stop token had little weight against continuations however far past the
+        # budget they were predicted to run. A floor on it relative to the most likely
+        # candidate lets the output end where a sentence does, more so as the budget runs out
+        # (the continuations' weights fall with their predicted overshoot).
+        base_max = torch.where(valid, cand.base_prob, torch.zeros_like(cand.base_prob)).amax(
+            1, True)
+        lift = (mode == MODE_AT_MOST) & stop & cand.closes & valid
+        log_base = torch.where(lift, torch.log(torch.maximum(
+            cand.base_prob, at_most_end_weight * base_max).clamp_min(1e-30)), log_base)
     logq = torch.where(admissible, log_base + beta.view(-1, 1) * p.float(),
                        torch.full_like(log_base, NEG_INF))
     if not hard_equal:
@@ -257,6 +275,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                        gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE,
                        plausibility: float = 0.0, equal_softness: float = math.inf,
                        at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
+                       at_most_end_weight: float = 0.0,
                        must_stop: Optional[torch.Tensor] = None) -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
@@ -271,7 +290,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance,
                plausibility=plausibility, equal_softness=equal_softness,
                at_least_end_pull=at_least_end_pull, at_most_softness=at_most_softness,
-               must_stop=must_stop)
+               at_most_end_weight=at_most_end_weight, must_stop=must_stop)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 

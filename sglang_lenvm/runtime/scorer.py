@@ -250,18 +250,23 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
     # the truncation found it, competes on length: decide() counts that end as 1 token away).
     after_end = (MODE_EQUAL in host_modes and worker.sentence_ends is not None
                  and forward_batch.forward_mode.is_decode())
+    ended = None  # [B] the output's last token (this decode step's input) ended a sentence
+    if worker.sentence_ends is not None and forward_batch.forward_mode.is_decode():
+        ended = _sentence_end_of(worker, forward_batch.input_ids[index].clamp_min(0))
     if MODE_AT_MOST in host_modes or equal_near or after_end:
         stop_rows = (st.mode == MODE_AT_MOST) & steer
         if equal_near:
             must_stop = (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
             stop_rows |= must_stop
         if after_end:
-            last = forward_batch.input_ids[index]  # the output's last token (decode input)
-            stop_rows |= ((st.mode == MODE_EQUAL) & steer
-                          & _sentence_end_of(worker, last.clamp_min(0)))
+            stop_rows |= (st.mode == MODE_EQUAL) & steer & ended
         cand = _with_stop_candidate(cand, probs_of, st.stop_ids, stop_rows)
     if worker.sentence_ends is not None:
-        cand.closes = _sentence_end_of(worker, cand.ids)
+        # Tokens: they end a sentence. Stop slots: the text before them did (decode only: in
+        # a prefill the last token is the prompt's).
+        closes = _sentence_end_of(worker, cand.ids)
+        at_end = ended.view(-1, 1) if ended is not None else torch.zeros_like(closes)
+        cand.closes = torch.where(stop_mask(cand.ids, st.stop_ids), at_end, closes)
     return cand, must_stop
 
 
