@@ -63,6 +63,7 @@ def name_of(rule: dict) -> str:
     name += " guard={}x{}".format(*rule["repeat"]) if rule.get("repeat") else ""
     name += " ends" if rule.get("sentence_end") == "on" else ""
     name += f" w={rule['end_weight']:g}" if rule.get("end_weight") else ""
+    name += f" boost={rule['end_boost']:g}" if rule.get("end_boost", 1) != 1 else ""
     return name + (" [{}]".format(rule["label"].split(",")[0]) if rule.get("label") else "")
 
 
@@ -91,15 +92,16 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
         errors = []
         # sentence ends in the decision (--lenvm-sentence-end; servers before it: None)
         ends = lenvm.get("sentence_end")
-        # at_most's stop-token floor after a sentence end (--lenvm-at-most-end-weight)
-        end_weight = lenvm.get("at_most_end_weight") or 0.0
+        # at_most's stop-token boost after a sentence end (--lenvm-at-most-end-boost)
+        end_boost = lenvm.get("at_most_end_boost") or 1.0
         label = (rule_name(alpha, lam, mu, nu) + (" guard={}x{}".format(*repeat) if repeat else "")
-                 + (" ends" if ends == "on" else "") + (f" w={end_weight:g}" if end_weight else ""))
+                 + (" ends" if ends == "on" else "")
+                 + (f" boost={end_boost:g}" if end_boost != 1 else ""))
         records = parallel.parallel_map(lambda q: length_following.run_one(url, q), reqs,
                                         args.concurrency, label, errors)
     records = [r for r in records if r is not None]
     return {"alpha": alpha, "lambda": _finite(lam), "mu": mu, "nu": _finite(nu),
-            "repeat": repeat, "sentence_end": ends, "end_weight": end_weight, "server": server,
+            "repeat": repeat, "sentence_end": ends, "end_boost": end_boost, "server": server,
             "summary": length_following.summarize(records, sub), "records": records,
             "errors": errors}
 

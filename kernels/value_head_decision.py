@@ -90,7 +90,7 @@ def _decision_kernel(
     ZPART, SUMMARY_BIAS, IDS, BASE, VALID, CLOSES, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
     MUST_STOP, P_ALL, P_CAND, Q, CAND_OK,
     n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness, end_pull,
-    at_most_softness, at_most_end_weight,
+    at_most_softness, log_end_boost,
     stride_zp, stride_ids, stride_base, stride_valid, stride_closes, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -181,10 +181,9 @@ def _decision_kernel(
     # torch.softmax, a row with nothing admissible yields NaN (decide() then uses the one-hot,
     # or the row is unused).
     log_base = tl.log(tl.maximum(base, 1e-30))
-    if HAS_CLOSES:  # at_most right after a sentence end: a floor on its stop token (decide())
-        lift = (mode == AT_MOST) & is_stop & closes & valid & (at_most_end_weight > 0)
-        log_base = tl.where(lift, tl.log(tl.maximum(tl.maximum(base, at_most_end_weight
-                                                               * base_max), 1e-30)), log_base)
+    if HAS_CLOSES:  # at_most right after a sentence end: its stop token boosted (decide())
+        lift = (mode == AT_MOST) & is_stop & closes
+        log_base = tl.where(lift, log_base + log_end_boost, log_base)
     logq = tl.where(admissible, log_base + tl.load(BETA + b) * p, float("-inf"))
     if SOFT_EQUAL:
         soft = tl.where(plausible, log_base - softness * dist, float("-inf"))
@@ -264,7 +263,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
                                mode_codes: Tuple[int, int, int], equal_ratio: bool,
                                plausibility: float = 0.0, equal_softness: float = math.inf,
                                at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
-                               at_most_end_weight: float = 0.0,
+                               at_most_end_boost: float = 1.0,
                                must_stop=None, closes=None) -> DecisionTensors:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
@@ -303,7 +302,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         generated, beta, greedy, must, p_all, p_cand, q, cand_ok,
         zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma), float(plausibility),
         float(equal_softness) if soft else 0.0, float(at_least_end_pull),
-        float(at_most_softness) if soft_at_most else 0.0, float(at_most_end_weight),
+        float(at_most_softness) if soft_at_most else 0.0, math.log(at_most_end_boost),
         zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), ends.stride(0),
         stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),

@@ -36,9 +36,9 @@ DEFAULT_AT_LEAST_END_PULL = 1.0
 # length runs past the budget (in ratio); inf: only candidates that fit (the hard rule).
 # 2 from the frontier in benchmarks/results/decision_frontier_at_most.json (README).
 DEFAULT_AT_MOST_SOFTNESS = 2.0
-# at_most right after a sentence end: the stop token weighs at least this x the most likely
-# candidate (with sentence ends on); 0: its own base probability.
-DEFAULT_AT_MOST_END_WEIGHT = 0.0
+# at_most right after a sentence end: the stop token weighs this x its base probability (with
+# sentence ends on); 1: its own.
+DEFAULT_AT_MOST_END_BOOST = 1.0
 # Guided rows may not write a token n-gram of this many tokens more than DEFAULT_REPEAT_LIMIT
 # times (runtime/repeat_guard.py: loops of a model kept writing); 0: no guard. 3 x 2 from the
 # frontier rows with and without it (README, "The repetition guard"): repetitive outputs
@@ -96,8 +96,8 @@ class LenVMConfig:
     at_least_end_pull: float = DEFAULT_AT_LEAST_END_PULL
     # at_most: lambda of the soft rule (inf: only candidates predicted to fit)
     at_most_softness: float = DEFAULT_AT_MOST_SOFTNESS
-    # at_most: the stop token's floor right after a sentence end (see DEFAULT_AT_MOST_END_WEIGHT)
-    at_most_end_weight: float = DEFAULT_AT_MOST_END_WEIGHT
+    # at_most: the stop token's boost right after a sentence end (see DEFAULT_AT_MOST_END_BOOST)
+    at_most_end_boost: float = DEFAULT_AT_MOST_END_BOOST
     # guided rows: no token n-gram of repeat_ngram tokens more than repeat_limit times (0: off)
     repeat_ngram: int = DEFAULT_REPEAT_NGRAM
     repeat_limit: int = DEFAULT_REPEAT_LIMIT
@@ -151,9 +151,9 @@ class LenVMConfig:
         if not self.at_most_softness >= 0.0:
             raise ValueError(f"--lenvm-at-most-softness must be >= 0 (inf: only candidates "
                              f"that fit), got {self.at_most_softness}")
-        if not 0.0 <= self.at_most_end_weight <= 1.0:
-            raise ValueError(f"--lenvm-at-most-end-weight must be in [0, 1], "
-                             f"got {self.at_most_end_weight}")
+        if not 1.0 <= self.at_most_end_boost <= 1e6:
+            raise ValueError(f"--lenvm-at-most-end-boost must be in [1, 1e6], "
+                             f"got {self.at_most_end_boost}")
 
     def decision_rule(self) -> dict:
         """The decision rule's knobs, as keyword arguments of decision.decide (and the fused
@@ -161,7 +161,7 @@ class LenVMConfig:
         return dict(equal_distance=self.equal_distance, plausibility=self.plausibility,
                     equal_softness=self.equal_softness, at_least_end_pull=self.at_least_end_pull,
                     at_most_softness=self.at_most_softness,
-                    at_most_end_weight=self.at_most_end_weight)
+                    at_most_end_boost=self.at_most_end_boost)
 
     def resolved_scoring(self, has_candidate_head: bool) -> str:
         """"star" or "one-pass" for a checkpoint with or without a candidate head."""

@@ -21,7 +21,7 @@ from sglang_lenvm.config import (
     DEFAULT_MAX_N,
     DEFAULT_MAX_STAR_TOKENS,
     DEFAULT_AT_LEAST_END_PULL,
-    DEFAULT_AT_MOST_END_WEIGHT,
+    DEFAULT_AT_MOST_END_BOOST,
     DEFAULT_AT_MOST_SOFTNESS,
     DEFAULT_EQUAL_DISTANCE,
     DEFAULT_EQUAL_MAX_OVERSHOOT,
@@ -81,11 +81,11 @@ def _our_parser() -> argparse.ArgumentParser:
                         "predicted length runs past the budget ('inf': only candidates "
                         "predicted to fit, else the shortest); the last token is always a stop "
                         "token")
-    g.add_argument("--lenvm-at-most-end-weight", type=float, default=DEFAULT_AT_MOST_END_WEIGHT,
-                   metavar="W",
+    g.add_argument("--lenvm-at-most-end-boost", type=float, default=DEFAULT_AT_MOST_END_BOOST,
+                   metavar="B",
                    help="right after a sentence end, a length_mode=at_most output's stop token "
-                        "weighs at least W x the most likely candidate (0: its own probability; "
-                        "needs --lenvm-sentence-end on)")
+                        "weighs B x its base probability (1: as is; needs --lenvm-sentence-end "
+                        "on)")
     g.add_argument("--lenvm-repeat-ngram", type=int, default=DEFAULT_REPEAT_NGRAM, metavar="N",
                    help="guided requests may not write a token n-gram of N tokens more than "
                         "--lenvm-repeat-limit times: the tokens that would are removed from "
@@ -235,7 +235,7 @@ def prepare(argv: List[str]):
                              equal_softness=ours.lenvm_equal_softness,
                              at_least_end_pull=ours.lenvm_at_least_end_pull,
                              at_most_softness=ours.lenvm_at_most_softness,
-                             at_most_end_weight=ours.lenvm_at_most_end_weight,
+                             at_most_end_boost=ours.lenvm_at_most_end_boost,
                              repeat_ngram=ours.lenvm_repeat_ngram,
                              repeat_limit=ours.lenvm_repeat_limit,
                              sentence_end=ours.lenvm_sentence_end,

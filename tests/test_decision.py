@@ -398,29 +398,29 @@ def test_select_candidates_returns_the_row_log_sum_exp():
     assert torch.allclose(c.base_prob, want.gather(1, c.ids), atol=1e-6)
 
 
-def test_at_most_stop_token_gets_a_floor_right_after_a_sentence_end():
-    """at_most_end_weight w: a stop slot with `closes` (the output's last token ended a
-    sentence) weighs max(base, w x most likely) in the soft at_most rule, exactly; without
-    `closes`, with w = 0, or in an equal row nothing changes (and an equal row's stop slot keeps
+def test_at_most_stop_token_is_boosted_right_after_a_sentence_end():
+    """at_most_end_boost b: a stop slot with `closes` (the output's last token ended a
+    sentence) weighs b x its base probability in the soft at_most rule, exactly; without
+    `closes`, with b = 1, or in an equal row nothing changes (and an equal row's stop slot keeps
     length 0: the one-token rule is for tokens that end a sentence, not for the stop itself)."""
     base = [[0.6, 0.3, 0.001]]
     p = p_of([[50, 40, 0]])  # slot 2 (id 12) is the stop token
 
-    def q_of(mode, closes, w, target=11):
+    def q_of(mode, closes, b, target=11):
         c = cand(base)
         c.closes = torch.tensor([closes])
         return decide(c, p, mode=torch.tensor([mode]), target=torch.tensor([target]),
                       generated=torch.tensor([0]), beta=torch.zeros(1),
                       greedy=torch.tensor([False]), gamma=G, is_stop=c.ids == 12,
-                      plausibility=0.1, at_most_softness=2.0, at_most_end_weight=w)[0]
+                      plausibility=0.1, at_most_softness=2.0, at_most_end_boost=b)[0]
 
     r = 10
-    weights = torch.tensor([0.6 * ((1 + r) / 51) ** 2, 0.3 * ((1 + r) / 41) ** 2, 0.5 * 0.6])
-    assert torch.allclose(q_of(MODE_AT_MOST, [False, False, True], 0.5), weights / weights.sum(),
+    weights = torch.tensor([0.6 * ((1 + r) / 51) ** 2, 0.3 * ((1 + r) / 41) ** 2, 50 * 0.001])
+    assert torch.allclose(q_of(MODE_AT_MOST, [False, False, True], 50.0), weights / weights.sum(),
                           atol=1e-5)
-    unlifted = q_of(MODE_AT_MOST, [False, False, False], 0.5)
-    assert torch.allclose(unlifted, q_of(MODE_AT_MOST, [False, False, True], 0.0))
-    assert unlifted[2] < 0.02
-    for w in (0.0, 0.5):  # equal: the stop slot's `closes` changes nothing
-        assert torch.equal(q_of(MODE_EQUAL, [False, False, True], w, target=3),
-                           q_of(MODE_EQUAL, [False, False, False], w, target=3))
+    unboosted = q_of(MODE_AT_MOST, [False, False, False], 50.0)
+    assert torch.allclose(unboosted, q_of(MODE_AT_MOST, [False, False, True], 1.0))
+    assert unboosted[2] < 0.02
+    for b in (1.0, 50.0):  # equal: the stop slot's `closes` changes nothing
+        assert torch.equal(q_of(MODE_EQUAL, [False, False, True], b, target=3),
+                           q_of(MODE_EQUAL, [False, False, False], b, target=3))

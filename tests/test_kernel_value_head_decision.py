@@ -220,18 +220,18 @@ def test_at_most_keeps_going_when_only_stop_fits():
 
 
 @needs_device
-@pytest.mark.parametrize("plausibility,softness,pull,at_most_softness,ends,end_weight",
-                         [(0.3, math.inf, 0.0, math.inf, False, 0.0),
-                          (0.0, 2.0, 0.5, 1.0, False, 0.0),
-                          (0.2, 8.0, 2.0, 4.0, False, 0.0), (0.0, 16.0, 1.0, 2.0, True, 0.0),
-                          (0.1, math.inf, 1.0, math.inf, True, 0.0),
-                          (0.1, 16.0, 1.0, 2.0, True, 0.5)])
+@pytest.mark.parametrize("plausibility,softness,pull,at_most_softness,ends,end_boost",
+                         [(0.3, math.inf, 0.0, math.inf, False, 1.0),
+                          (0.0, 2.0, 0.5, 1.0, False, 1.0),
+                          (0.2, 8.0, 2.0, 4.0, False, 1.0), (0.0, 16.0, 1.0, 2.0, True, 1.0),
+                          (0.1, math.inf, 1.0, math.inf, True, 1.0),
+                          (0.1, 16.0, 1.0, 2.0, True, 30.0)])
 def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, at_most_softness,
-                                                 ends, end_weight):
+                                                 ends, end_boost):
     """The quality-aware knobs: the plausibility floor in every mode, the soft equal and
     at_most rules, equal rows that must stop (past the overshoot limit) taking their most likely
     stop slot, at_least's pull toward ending past its target (row 7), sentence ends and the
-    floor on an at_most row's stop token right after one (row 3, slot 5)."""
+    boost of an at_most row's stop token right after one (row 3, slot 5)."""
     torch.manual_seed(4)
     B, K, H = 8, 6, 48
     head = _head(H, 5)
@@ -256,13 +256,13 @@ def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, a
     if ends:  # sentence ends (Candidates.closes): a third of the slots, in every mode
         closes = torch.rand(B, K, generator=torch.Generator().manual_seed(6)) < 0.35
         closes[3, 5] = True  # row 3's output stands at a sentence end
-        got, want = _run_both(hidden, head, closes=closes, at_most_end_weight=end_weight, **kw)
+        got, want = _run_both(hidden, head, closes=closes, at_most_end_boost=end_boost, **kw)
         _compare(got, want)
         plain, _ = _run_both(hidden, head, **kw)
         assert not torch.allclose(got.q.cpu(), plain.q.cpu(), atol=Q_ATOL)  # it is read
-        if end_weight:
-            unlifted, _ = _run_both(hidden, head, closes=closes, **kw)
-            assert want.q[3, 5] > unlifted.q[3, 5] + 0.05  # the stop token's floor is read
+        if end_boost != 1:
+            unboosted, _ = _run_both(hidden, head, closes=closes, **kw)
+            assert want.q[3, 5] > unboosted.q[3, 5] + 0.05  # the stop token's boost is read
         return
     got, want = _run_both(hidden, head, **kw)
     _compare(got, want)

@@ -117,7 +117,7 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
            gamma: float, is_stop: Optional[torch.Tensor] = None,
            equal_distance: str = DEFAULT_EQUAL_DISTANCE, plausibility: float = 0.0,
            equal_softness: float = math.inf, at_least_end_pull: float = 0.0,
-           at_most_softness: float = math.inf, at_most_end_weight: float = 0.0,
+           at_most_softness: float = math.inf, at_most_end_boost: float = 1.0,
            must_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
@@ -143,8 +143,8 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     most likely candidate and stop tokens (ending is always possible). A candidate that ends
     a sentence (`cand.closes`) may be the last before the stop token: in equal rows its l(x) is
     1 where 1 is closer to r than l(x) is, in at_most rows min(l(x), 1); right after one, an
-    at_most row's stop token (a stop slot with `closes`) weighs at least at_most_end_weight x
-    the row's most likely candidate (0: its own base probability). Then
+    at_most row's stop token (a stop slot with `closes`) weighs at_most_end_boost x its base
+    probability. Then
     q ~ q * exp(beta * p) (exponential tilting) for the sampling modes; rows with `must_stop`
     (equal past its overshoot limit) take their most likely stop slot if they have one; greedy
     rows take the argmax of q.
@@ -211,19 +211,18 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
     # Sampling choices: base probabilities over the admissible set, tilted by exp(beta * p);
     # soft equal: base probabilities weighed by exp(-softness * d) (d is inf off plausible).
     log_base = torch.log(cand.base_prob.clamp_min(1e-30))
-    if at_most_end_weight > 0 and cand.closes is not None:
+    if at_most_end_boost != 1.0 and cand.closes is not None:
         # The soft at_most rule lets the text run toward T, and 61% of its outputs were cut
         # there mid-sentence by the forced stop token, at 13 nats each (README, "Where the text
         # ends"): the base model rarely ends an answer it could go on with, so after a sentence
         # end its stop token had little weight against continuations however far past the
-        # budget they were predicted to run. A floor on it relative to the most likely
-        # candidate lets the output end where a sentence does, more so as the budget runs out
-        # (the continuations' weights fall with their predicted overshoot).
-        base_max = torch.where(valid, cand.base_prob, torch.zeros_like(cand.base_prob)).amax(
-            1, True)
-        lift = (mode == MODE_AT_MOST) & stop & cand.closes & valid
-        log_base = torch.where(lift, torch.log(torch.maximum(
-            cand.base_prob, at_most_end_weight * base_max).clamp_min(1e-30)), log_base)
+        # budget they were predicted to run. A boost lets the output end where a sentence
+        # does, more so as the budget runs out (the continuations' weights fall with their
+        # predicted overshoot); being a factor, it keeps the base model's preference among
+        # sentence ends (a floor relative to the most likely token ended outputs at the first
+        # one, where stopping still cost 9 nats: README).
+        lift = (mode == MODE_AT_MOST) & stop & cand.closes
+        log_base = torch.where(lift, log_base + math.log(at_most_end_boost), log_base)
     logq = torch.where(admissible, log_base + beta.view(-1, 1) * p.float(),
                        torch.full_like(log_base, NEG_INF))
     if not hard_equal:
@@ -275,7 +274,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                        gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE,
                        plausibility: float = 0.0, equal_softness: float = math.inf,
                        at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
-                       at_most_end_weight: float = 0.0,
+                       at_most_end_boost: float = 1.0,
                        must_stop: Optional[torch.Tensor] = None) -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
@@ -290,7 +289,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance,
                plausibility=plausibility, equal_softness=equal_softness,
                at_least_end_pull=at_least_end_pull, at_most_softness=at_most_softness,
-               at_most_end_weight=at_most_end_weight, must_stop=must_stop)
+               at_most_end_boost=at_most_end_boost, must_stop=must_stop)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 

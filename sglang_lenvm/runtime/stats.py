@@ -38,8 +38,8 @@ def worker_stats(worker, scheduler) -> dict:
         # null: inf, only candidates predicted to fit (the hard rule)
         "at_most_softness": (worker.config.at_most_softness
                              if math.isfinite(worker.config.at_most_softness) else None),
-        # at_most: the stop token's floor right after a sentence end (0: none)
-        "at_most_end_weight": worker.config.at_most_end_weight,
+        # at_most: the stop token's boost right after a sentence end (1: none)
+        "at_most_end_boost": worker.config.at_most_end_boost,
         # guided rows: no token n-gram of this many tokens more than repeat_limit times (0: off)
         "repeat_ngram": worker.config.repeat_ngram,
         "repeat_limit": worker.config.repeat_limit,
