@@ -130,7 +130,8 @@ class ByteLevel:
     """A byte-level BPE vocabulary in GPT-2's alphabet: ids 0-255 are the bytes, then words."""
 
     WORDS = ["the", "\u0120the", "\u0120The", "The", "\u0120answer", "\u0120Answer", "\u0120is",
-             "\u010a", "\u0120\u0120", "\u6211\u4eec", "\u53ef\u4ee5", "\uff0c"]  # 我们 可以 ，
+             "\u010a", "\u0120\u0120", "\u6211\u4eec", "\u53ef\u4ee5", "\uff0c",  # 我们 可以 ，
+             "-powered", "Powered", "\u0120solar", "Solar", "\u0120backpack"]
 
     def __init__(self):
         table = {b: ch for ch, b in token_text.byte_alphabet().items()}
@@ -303,3 +304,23 @@ def test_guided_outputs_do_not_loop_and_unguided_ones_are_untouched(oracle_serve
     stats = oracle_server.get("/lenvm/stats").json()[0]
     assert stats["repeat_ngram"] == 3 and stats["repeat_limit"] == 2
     assert stats["host_syncs"] == 0  # the guard's step adds no host-device sync
+
+
+def test_words_spelled_with_other_punctuation_are_one_phrase():
+    """ "Solar-Powered backpack ... solar-powered backpack ... Solar-Powered" -> " backpack"
+    would write the words "solar powered backpack" a third time, though one spelling has the
+    token "-powered" and the other "-" then "Powered"."""
+    tok = ByteLevel()
+    cl = repeat_guard.token_classes(tok, len(tok), "cpu")
+    w = {x: 256 + i for i, x in enumerate(ByteLevel.WORDS)}
+    assert cl.canon[w["-powered"]] == cl.canon[w["Powered"]]
+    assert cl.canon[w["\u0120solar"]] == cl.canon[w["Solar"]]
+    assert cl.canon[ord("-")] != cl.canon[w["-powered"]]  # punctuation alone stays itself
+    dash, dot = ord("-"), ord(".")
+    out = [w["Solar"], dash, w["Powered"], w["\u0120backpack"], dot,
+           w["\u0120solar"], w["-powered"], w["\u0120backpack"], dot,
+           w["Solar"], dash, w["Powered"]]
+    history = torch.tensor([[-1] * 3 + out])
+    logits = torch.zeros(1, len(tok))
+    repeat_guard.mask_repeats(logits, history, torch.tensor([True]), 3, 2, cl)
+    assert torch.isinf(logits[0, w["\u0120backpack"]]) and torch.isfinite(logits[0, dot])

@@ -114,9 +114,12 @@ def banned_phrases(history: torch.Tensor, units: torch.Tensor, max_units: int, n
 class TokenClasses:
     """How the guard reads tokens, made once from the tokenizer.
 
-    - `canon` [V]: the class a token counts as: tokens that differ only in case and surrounding
-      whitespace (" The", "the", "The") are one class, so "The answer is ... the answer is"
-      repeats a phrase as a reader sees it. The class id is the smallest token id of the class.
+    - `canon` [V]: the class a token counts as: tokens with the same word characters, whatever
+      their case, whitespace and punctuation (" The", "the", "The"; "-powered", " Powered"),
+      are one class, so "The answer is ... the answer is" and "Solar-Powered ... solar-powered"
+      repeat a phrase as a reader sees it (the repetition measure reads words the same way).
+      Tokens without a word character are classes by their stripped text (" ," and ",").
+      The class id is the smallest token id of the class.
     - `continues` [V]: tokens that continue a character (byte-level BPE splits most CJK
       characters into byte tokens; these start with a UTF-8 continuation byte). They are never
       banned: once a character's first byte is written, banning its second would only swap the
@@ -144,6 +147,7 @@ class TokenClasses:
 # text: its repetition measure is the guard's target).
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _WORD = re.compile(r"[^\W_]")
+_WORD_RUN = re.compile(r"[^\W_]+")
 
 
 def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
@@ -162,7 +166,11 @@ def token_classes(tokenizer, vocab: int, device) -> TokenClasses:
             # no bytes to look at: never ban a fragment
             continues[i] = (bool(raw) and 0x80 <= raw[0] <= 0xBF) if raw is not None else (
                 "\ufffd" in text)
-            key = text.strip().lower()
+            # A byte-level BPE spells "Solar-Powered" as "Solar" "-" "Powered" in one place and
+            # " solar" "-powered" in another: one phrase to a reader, and one to the guard only
+            # if "-powered" and "Powered" are one class (it missed such repeats: README, "The
+            # repetition guard").
+            key = "".join(_WORD_RUN.findall(text.lower())) or text.strip().lower()
             if key and "\ufffd" not in key:
                 canon[i] = first.setdefault(key, i)
             units[i] = max(1, len(_CJK.findall(text)))
