@@ -64,6 +64,7 @@ def name_of(rule: dict) -> str:
     name += " ends" if rule.get("sentence_end") == "on" else ""
     name += f" w={rule['end_weight']:g}" if rule.get("end_weight") else ""
     name += f" boost={rule['end_boost']:g}" if rule.get("end_boost", 1) != 1 else ""
+    name += f" under={rule['undershoot']:g}" if rule.get("undershoot", 1) != 1 else ""
     return name + (" [{}]".format(rule["label"].split(",")[0]) if rule.get("label") else "")
 
 
@@ -94,14 +95,16 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
         ends = lenvm.get("sentence_end")
         # at_most's stop-token boost after a sentence end (--lenvm-at-most-end-boost)
         end_boost = lenvm.get("at_most_end_boost") or 1.0
+        undershoot = lenvm.get("equal_undershoot") or 1.0  # --lenvm-equal-undershoot
         label = (rule_name(alpha, lam, mu, nu) + (" guard={}x{}".format(*repeat) if repeat else "")
                  + (" ends" if ends == "on" else "")
-                 + (f" boost={end_boost:g}" if end_boost != 1 else ""))
+                 + (f" boost={end_boost:g}" if end_boost != 1 else "")
+                 + (f" under={undershoot:g}" if undershoot != 1 else ""))
         records = parallel.parallel_map(lambda q: length_following.run_one(url, q), reqs,
                                         args.concurrency, label, errors)
     records = [r for r in records if r is not None]
     return {"alpha": alpha, "lambda": _finite(lam), "mu": mu, "nu": _finite(nu),
-            "repeat": repeat, "sentence_end": ends, "end_boost": end_boost, "server": server,
+            "repeat": repeat, "sentence_end": ends, "end_boost": end_boost, "undershoot": undershoot, "server": server,
             "summary": length_following.summarize(records, sub), "records": records,
             "errors": errors}
 

@@ -86,11 +86,21 @@ def _log1p_neg(x):
 
 
 @triton.jit
+def _length_distance(length, r, undershoot, EQUAL_RATIO: tl.constexpr):
+    """equal's distance to the budget (decision.length_distance)."""
+    if EQUAL_RATIO:
+        diff = tl.log(1.0 + length) - tl.log(1.0 + r)
+    else:
+        diff = length - r
+    return tl.where(diff < 0, -diff * undershoot, diff)
+
+
+@triton.jit
 def _decision_kernel(
     ZPART, SUMMARY_BIAS, IDS, BASE, VALID, CLOSES, STOP, MODE, TARGET, GENERATED, BETA, GREEDY,
     MUST_STOP, P_ALL, P_CAND, Q, CAND_OK,
     n_parts, tree_size, num_cand, num_stop, log_gamma, plausibility, softness, end_pull,
-    at_most_softness, log_end_boost,
+    at_most_softness, log_end_boost, undershoot,
     stride_zp, stride_ids, stride_base, stride_valid, stride_closes, stride_stop,
     stride_pa, stride_pc, stride_q,
     ROOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -138,11 +148,8 @@ def _decision_kernel(
     if HAS_CLOSES:  # a sentence end: stop after it (1 left) or go on (decide())
         closes = tl.load(CLOSES + b * stride_closes + offs_k, mask=k_ok, other=0).to(tl.int1)
         ends = closes & ~is_stop  # on a stop slot `closes` is about the token before
-        if EQUAL_RATIO:
-            end_closer = (tl.abs(0.6931471805599453 - tl.log(1.0 + r))
-                          < tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)))
-        else:
-            end_closer = tl.abs(1.0 - r) < tl.abs(length - r)
+        end_closer = (_length_distance(length * 0.0 + 1.0, r, undershoot, EQUAL_RATIO)
+                      < _length_distance(length, r, undershoot, EQUAL_RATIO))
         length = tl.where(ends & (mode == EQUAL) & end_closer, 1.0, length)
         length = tl.where(ends & (mode == AT_MOST), tl.minimum(length, 1.0), length)
     INF = float("inf")
@@ -151,10 +158,8 @@ def _decision_kernel(
     base = tl.load(BASE + b * stride_base + offs_k, mask=k_ok, other=0.0)
     base_max = tl.max(tl.where(valid, base, 0.0), 0)
     plausible = valid & ((base >= plausibility * base_max) | is_stop | (offs_k == 0))
-    if EQUAL_RATIO:  # equal_distance "ratio" (decide() says why)
-        dist = tl.where(plausible, tl.abs(tl.log(1.0 + length) - tl.log(1.0 + r)), INF)
-    else:
-        dist = tl.where(plausible, tl.abs(length - r), INF)
+    # equal_distance "ratio" or "tokens", undershoot weighed (decide() says why)
+    dist = tl.where(plausible, _length_distance(length, r, undershoot, EQUAL_RATIO), INF)
     admissible = tl.where(mode == AT_MOST, length < r + 0.5,
                           tl.where(mode == AT_LEAST, length > r - 0.5, True)) & plausible
     # at_most with budget left where only stop tokens fit: the shortest non-stop candidate is
@@ -263,7 +268,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
                                mode_codes: Tuple[int, int, int], equal_ratio: bool,
                                plausibility: float = 0.0, equal_softness: float = math.inf,
                                at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
-                               at_most_end_boost: float = 1.0,
+                               at_most_end_boost: float = 1.0, equal_undershoot: float = 1.0,
                                must_stop=None, closes=None) -> DecisionTensors:
     """hidden [B*T, H] star-tree states -> values and the decision for B requests.
 
@@ -303,6 +308,7 @@ def value_head_decision_triton(hidden, fc_weight, fc_bias, summary_weight, summa
         zpart.shape[0], T, K, stop_ids.shape[1], math.log(gamma), float(plausibility),
         float(equal_softness) if soft else 0.0, float(at_least_end_pull),
         float(at_most_softness) if soft_at_most else 0.0, math.log(at_most_end_boost),
+        float(equal_undershoot),
         zpart.stride(0), ids.stride(0), base_prob.stride(0), valid.stride(0), ends.stride(0),
         stop_ids.stride(0),
         p_all.stride(0), p_cand.stride(0), q.stride(0),

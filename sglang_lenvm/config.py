@@ -39,6 +39,9 @@ DEFAULT_AT_MOST_SOFTNESS = 2.0
 # at_most right after a sentence end: the stop token weighs this x its base probability (with
 # sentence ends on); 1: its own.
 DEFAULT_AT_MOST_END_BOOST = 1.0
+# equal: a predicted length short of the budget counts this many times its distance (the length
+# score falls 2.5 times as fast below the target as above it); 1: symmetric.
+DEFAULT_EQUAL_UNDERSHOOT = 1.0
 # Guided rows may not write a token n-gram of this many tokens more than DEFAULT_REPEAT_LIMIT
 # times (runtime/repeat_guard.py: loops of a model kept writing); 0: no guard. 3 x 2 from the
 # frontier rows with and without it (README, "The repetition guard"): repetitive outputs
@@ -98,6 +101,8 @@ class LenVMConfig:
     at_most_softness: float = DEFAULT_AT_MOST_SOFTNESS
     # at_most: the stop token's boost right after a sentence end (see DEFAULT_AT_MOST_END_BOOST)
     at_most_end_boost: float = DEFAULT_AT_MOST_END_BOOST
+    # equal: the weight of undershoot in the length distance (see DEFAULT_EQUAL_UNDERSHOOT)
+    equal_undershoot: float = DEFAULT_EQUAL_UNDERSHOOT
     # guided rows: no token n-gram of repeat_ngram tokens more than repeat_limit times (0: off)
     repeat_ngram: int = DEFAULT_REPEAT_NGRAM
     repeat_limit: int = DEFAULT_REPEAT_LIMIT
@@ -151,6 +156,9 @@ class LenVMConfig:
         if not self.at_most_softness >= 0.0:
             raise ValueError(f"--lenvm-at-most-softness must be >= 0 (inf: only candidates "
                              f"that fit), got {self.at_most_softness}")
+        if not 0.1 <= self.equal_undershoot <= 10.0:
+            raise ValueError(f"--lenvm-equal-undershoot must be in [0.1, 10], "
+                             f"got {self.equal_undershoot}")
         if not 1.0 <= self.at_most_end_boost <= 1e6:
             raise ValueError(f"--lenvm-at-most-end-boost must be in [1, 1e6], "
                              f"got {self.at_most_end_boost}")
@@ -161,7 +169,8 @@ class LenVMConfig:
         return dict(equal_distance=self.equal_distance, plausibility=self.plausibility,
                     equal_softness=self.equal_softness, at_least_end_pull=self.at_least_end_pull,
                     at_most_softness=self.at_most_softness,
-                    at_most_end_boost=self.at_most_end_boost)
+                    at_most_end_boost=self.at_most_end_boost,
+                    equal_undershoot=self.equal_undershoot)
 
     def resolved_scoring(self, has_candidate_head: bool) -> str:
         """"star" or "one-pass" for a checkpoint with or without a candidate head."""

@@ -26,6 +26,7 @@ from sglang_lenvm.config import (
     DEFAULT_EQUAL_DISTANCE,
     DEFAULT_EQUAL_MAX_OVERSHOOT,
     DEFAULT_EQUAL_SOFTNESS,
+    DEFAULT_EQUAL_UNDERSHOOT,
     DEFAULT_PLAUSIBILITY,
     DEFAULT_REPEAT_LIMIT,
     DEFAULT_REPEAT_NGRAM,
@@ -81,6 +82,10 @@ def _our_parser() -> argparse.ArgumentParser:
                         "predicted length runs past the budget ('inf': only candidates "
                         "predicted to fit, else the shortest); the last token is always a stop "
                         "token")
+    g.add_argument("--lenvm-equal-undershoot", type=float, default=DEFAULT_EQUAL_UNDERSHOOT,
+                   metavar="U",
+                   help="length_mode=equal: a candidate predicted to end short of the target "
+                        "counts U times its distance (1: symmetric)")
     g.add_argument("--lenvm-at-most-end-boost", type=float, default=DEFAULT_AT_MOST_END_BOOST,
                    metavar="B",
                    help="right after a sentence end, a length_mode=at_most output's stop token "
@@ -236,6 +241,7 @@ def prepare(argv: List[str]):
                              at_least_end_pull=ours.lenvm_at_least_end_pull,
                              at_most_softness=ours.lenvm_at_most_softness,
                              at_most_end_boost=ours.lenvm_at_most_end_boost,
+                             equal_undershoot=ours.lenvm_equal_undershoot,
                              repeat_ngram=ours.lenvm_repeat_ngram,
                              repeat_limit=ours.lenvm_repeat_limit,
                              sentence_end=ours.lenvm_sentence_end,

@@ -424,3 +424,24 @@ def test_at_most_stop_token_is_boosted_right_after_a_sentence_end():
     for b in (1.0, 50.0):  # equal: the stop slot's `closes` changes nothing
         assert torch.equal(q_of(MODE_EQUAL, [False, False, True], b, target=3),
                            q_of(MODE_EQUAL, [False, False, False], b, target=3))
+
+
+def test_equal_undershoot_weighs_a_short_prediction_more():
+    """equal_undershoot u: d = u x |distance| below the budget, |distance| above it. Tokens,
+    r = 10, lengths 6 and 14: symmetric, the tie goes to the more likely (slot 0, short);
+    u = 2 picks the long one; the soft rule weighs base x exp(-lambda d) with that d."""
+    from sglang_lenvm.runtime.decision import length_distance
+
+    c = cand([[0.6, 0.4]])
+    p = p_of([[6, 14]])
+    kw = dict(mode=torch.tensor([MODE_EQUAL]), target=torch.tensor([11]),
+              generated=torch.tensor([0]), beta=torch.zeros(1), greedy=torch.tensor([False]),
+              gamma=G, equal_distance="tokens")
+    assert decide(c, p, **kw).tolist() == [[1, 0]]
+    assert decide(c, p, **kw, equal_undershoot=2.0).tolist() == [[0, 1]]
+    q = decide(c, p, **kw, equal_undershoot=2.0, equal_softness=0.5)
+    d = torch.tensor([2.0 * 4, 4.0])
+    want = torch.tensor([0.6, 0.4]) * torch.exp(-0.5 * d)
+    assert torch.allclose(q[0], want / want.sum(), atol=1e-4)
+    got = length_distance(torch.tensor([1.0, 10.0, 30.0]), torch.tensor(10.0), True, 3.0)
+    assert torch.allclose(got, torch.tensor([3 * math.log(11 / 2), 0.0, math.log(31 / 11)]))

@@ -220,14 +220,15 @@ def test_at_most_keeps_going_when_only_stop_fits():
 
 
 @needs_device
-@pytest.mark.parametrize("plausibility,softness,pull,at_most_softness,ends,end_boost",
-                         [(0.3, math.inf, 0.0, math.inf, False, 1.0),
-                          (0.0, 2.0, 0.5, 1.0, False, 1.0),
-                          (0.2, 8.0, 2.0, 4.0, False, 1.0), (0.0, 16.0, 1.0, 2.0, True, 1.0),
-                          (0.1, math.inf, 1.0, math.inf, True, 1.0),
-                          (0.1, 16.0, 1.0, 2.0, True, 30.0)])
+@pytest.mark.parametrize("plausibility,softness,pull,at_most_softness,ends,end_boost,under",
+                         [(0.3, math.inf, 0.0, math.inf, False, 1.0, 1.0),
+                          (0.0, 2.0, 0.5, 1.0, False, 1.0, 2.5),
+                          (0.2, 8.0, 2.0, 4.0, False, 1.0, 1.0),
+                          (0.0, 16.0, 1.0, 2.0, True, 1.0, 1.0),
+                          (0.1, math.inf, 1.0, math.inf, True, 1.0, 0.5),
+                          (0.1, 16.0, 1.0, 2.0, True, 30.0, 2.5)])
 def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, at_most_softness,
-                                                 ends, end_boost):
+                                                 ends, end_boost, under):
     """The quality-aware knobs: the plausibility floor in every mode, the soft equal and
     at_most rules, equal rows that must stop (past the overshoot limit) taking their most likely
     stop slot, at_least's pull toward ending past its target (row 7), sentence ends and the
@@ -252,7 +253,7 @@ def test_plausibility_soft_equal_and_forced_stop(plausibility, softness, pull, a
     kw = dict(ids=ids, base_prob=base, valid=valid, stop_ids=stop, has_root=True, mode=mode,
               target=target, generated=generated, beta=beta, greedy=greedy, gamma=GAMMA,
               plausibility=plausibility, equal_softness=softness, at_least_end_pull=pull,
-              at_most_softness=at_most_softness, must_stop=must)
+              at_most_softness=at_most_softness, must_stop=must, equal_undershoot=under)
     if ends:  # sentence ends (Candidates.closes): a third of the slots, in every mode
         closes = torch.rand(B, K, generator=torch.Generator().manual_seed(6)) < 0.35
         closes[3, 5] = True  # row 3's output stands at a sentence end

@@ -105,6 +105,14 @@ def plausible_slots(cand: Candidates, is_stop: torch.Tensor, plausibility: float
     return plausible
 
 
+def length_distance(length: torch.Tensor, r: torch.Tensor, ratio: bool,
+                    undershoot: float = 1.0) -> torch.Tensor:
+    """equal's distance of predicted lengths to the budget r: in ratio |ln(1 + l) - ln(1 + r)|,
+    else |l - r|, with a predicted length short of r weighing `undershoot` times as much."""
+    diff = torch.log1p(length) - torch.log1p(r) if ratio else length - r
+    return torch.where(diff < 0, -diff * undershoot, diff)
+
+
 def equal_uses_ratio(equal_distance: str) -> bool:
     """True for "ratio", False for "tokens" (how `equal` measures the closest candidate)."""
     if equal_distance not in EQUAL_DISTANCES:
@@ -118,13 +126,14 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
            equal_distance: str = DEFAULT_EQUAL_DISTANCE, plausibility: float = 0.0,
            equal_softness: float = math.inf, at_least_end_pull: float = 0.0,
            at_most_softness: float = math.inf, at_most_end_boost: float = 1.0,
+           equal_undershoot: float = 1.0,
            must_stop: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distribution to sample the next token from, over the K candidate slots: q [B, K].
 
     p [B, K] are the LenVM values of prefix + candidate (stop tokens already 0). With
     r = max(target - generated - 1, 0) the budget left after this token and l(x) the predicted
     remaining length, d(x) = |ln(1 + l(x)) - ln(1 + r)| (equal_distance "ratio") or
-    |l(x) - r| ("tokens"):
+    |l(x) - r| ("tokens"), times equal_undershoot where l(x) < r:
       equal:    q(x) ~ base(x) * exp(-equal_softness * d(x)); with equal_softness inf (the
                 default) one-hot on the closest x (ties: higher base probability);
       at_most:  base restricted to l(x) <= r (none: one-hot argmin l); while budget is left
@@ -166,23 +175,19 @@ def decide(cand: Candidates, p: torch.Tensor, *, mode: torch.Tensor, target: tor
         # ends"). at_least keeps the LenVM's l: before its target a sentence end is not the end.
         one = torch.ones_like(length)
         closes = cand.closes & ~stop  # on a stop slot `closes` is about the token before
-        if ratio:
-            end_closer = (math.log(2.0) - torch.log1p(r)).abs() < (torch.log1p(length)
-                                                                   - torch.log1p(r)).abs()
-        else:
-            end_closer = (one - r).abs() < (length - r).abs()
+        end_closer = (length_distance(one, r, ratio, equal_undershoot)
+                      < length_distance(length, r, ratio, equal_undershoot))
         length = torch.where(closes & (mode == MODE_EQUAL) & end_closer, one, length)
         length = torch.where(closes & (mode == MODE_AT_MOST), length.clamp_max(1.0), length)
     plausible = plausible_slots(cand, stop, plausibility)
 
-    if ratio:
-        # The LenVM's errors are relative (a continuation predicted at 100 tokens may well end
-        # at 50) and stopping is final while a continuation is steered again next step. In
-        # tokens, r = 25 is closer to EOS (0) than to a continuation predicted at 60, so an
-        # over-predicting LenVM ends outputs far too early; in ratio it is not (26/1 vs 61/26).
-        dist = torch.where(plausible, (torch.log1p(length) - torch.log1p(r)).abs(), inf)
-    else:
-        dist = torch.where(plausible, (length - r).abs(), inf)
+    # Ratio: the LenVM's errors are relative (a continuation predicted at 100 tokens may well
+    # end at 50) and stopping is final while a continuation is steered again next step. In
+    # tokens, r = 25 is closer to EOS (0) than to a continuation predicted at 60, so an
+    # over-predicting LenVM ends outputs far too early; in ratio it is not (26/1 vs 61/26).
+    # equal_undershoot > 1: ending short of the target costs more than running past it (the
+    # length score falls 2.5 times as fast below T as above it).
+    dist = torch.where(plausible, length_distance(length, r, ratio, equal_undershoot), inf)
     # A predicted length fits the budget when it rounds to at most (at least) r tokens.
     admissible = torch.where(mode == MODE_AT_MOST, length < r + 0.5,
                              torch.where(mode == MODE_AT_LEAST, length > r - 0.5,
@@ -274,7 +279,7 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                        gamma: float, equal_distance: str = DEFAULT_EQUAL_DISTANCE,
                        plausibility: float = 0.0, equal_softness: float = math.inf,
                        at_least_end_pull: float = 0.0, at_most_softness: float = math.inf,
-                       at_most_end_boost: float = 1.0,
+                       at_most_end_boost: float = 1.0, equal_undershoot: float = 1.0,
                        must_stop: Optional[torch.Tensor] = None) -> HeadDecision:
     """Star-tree values [B, T] -> stop tokens at 0, NaN guard, decision (the torch path).
 
@@ -289,7 +294,8 @@ def decide_from_values(p_all: torch.Tensor, cand: Candidates, stop_ids: torch.Te
                greedy=greedy, gamma=gamma, is_stop=is_stop, equal_distance=equal_distance,
                plausibility=plausibility, equal_softness=equal_softness,
                at_least_end_pull=at_least_end_pull, at_most_softness=at_most_softness,
-               at_most_end_boost=at_most_end_boost, must_stop=must_stop)
+               at_most_end_boost=at_most_end_boost, equal_undershoot=equal_undershoot,
+               must_stop=must_stop)
     return HeadDecision(p_all, p_cand, q, cand_ok)
 
 

@@ -40,6 +40,8 @@ def worker_stats(worker, scheduler) -> dict:
                              if math.isfinite(worker.config.at_most_softness) else None),
         # at_most: the stop token's boost right after a sentence end (1: none)
         "at_most_end_boost": worker.config.at_most_end_boost,
+        # equal: how much more a predicted undershoot counts than an overshoot (1: the same)
+        "equal_undershoot": worker.config.equal_undershoot,
         # guided rows: no token n-gram of this many tokens more than repeat_limit times (0: off)
         "repeat_ngram": worker.config.repeat_ngram,
         "repeat_limit": worker.config.repeat_limit,
