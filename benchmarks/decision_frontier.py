@@ -93,20 +93,16 @@ def run_rule(args, ap, rows, wording, rule, with_baseline: bool) -> dict:
         errors = []
         # sentence ends in the decision (--lenvm-sentence-end; servers before it: None)
         ends = lenvm.get("sentence_end")
-        # at_most's stop-token boost after a sentence end (--lenvm-at-most-end-boost)
-        end_boost = lenvm.get("at_most_end_boost") or 1.0
-        undershoot = lenvm.get("equal_undershoot") or 1.0  # --lenvm-equal-undershoot
-        label = (rule_name(alpha, lam, mu, nu) + (" guard={}x{}".format(*repeat) if repeat else "")
-                 + (" ends" if ends == "on" else "")
-                 + (f" boost={end_boost:g}" if end_boost != 1 else "")
-                 + (f" under={undershoot:g}" if undershoot != 1 else ""))
+        knobs = {"alpha": alpha, "lambda": _finite(lam), "mu": mu, "nu": _finite(nu),
+                 "repeat": repeat, "sentence_end": ends,
+                 # at_most's stop-token boost after a sentence end, equal's undershoot weight
+                 "end_boost": lenvm.get("at_most_end_boost") or 1.0,
+                 "undershoot": lenvm.get("equal_undershoot") or 1.0}
         records = parallel.parallel_map(lambda q: length_following.run_one(url, q), reqs,
-                                        args.concurrency, label, errors)
+                                        args.concurrency, name_of(knobs), errors)
     records = [r for r in records if r is not None]
-    return {"alpha": alpha, "lambda": _finite(lam), "mu": mu, "nu": _finite(nu),
-            "repeat": repeat, "sentence_end": ends, "end_boost": end_boost, "undershoot": undershoot, "server": server,
-            "summary": length_following.summarize(records, sub), "records": records,
-            "errors": errors}
+    return {**knobs, "server": server, "summary": length_following.summarize(records, sub),
+            "records": records, "errors": errors}
 
 
 def plot(result: dict, path) -> None:
