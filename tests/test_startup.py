@@ -74,7 +74,11 @@ def test_bad_flags_are_refused(models, capsys):
     ("--lenvm-at-least-end-pull", "inf", "--lenvm-at-least-end-pull must be a finite"),
     ("--lenvm-repeat-ngram", "-1", f"--lenvm-repeat-ngram must be in [0, {WINDOW}]"),
     ("--lenvm-repeat-limit", "0", "--lenvm-repeat-limit must be >= 1"),
-    ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1")])
+    ("--lenvm-max-n", "0", "--lenvm-max-n must be >= 1"),
+    ("--lenvm-at-most-end-boost", "0.5", "--lenvm-at-most-end-boost must be in [1, 1e6]"),
+    ("--lenvm-at-most-end-boost", "nan", "--lenvm-at-most-end-boost must be in [1, 1e6]"),
+    ("--lenvm-equal-undershoot", "0", "--lenvm-equal-undershoot must be in [0.1, 10]"),
+    ("--lenvm-equal-undershoot", "inf", "--lenvm-equal-undershoot must be in [0.1, 10]")])
 def test_bad_rule_flags_are_refused(models, flag, value, message):
     r = launch("--model-path", str(models / "base"), "--lenvm-path", str(models / "lenvm"),
                flag, value)
