@@ -60,31 +60,35 @@ def test_token_texts_reads_bytes_and_decodes_the_rest():
     assert token_text.token_texts(ByteLevel(), 257)[ord("a")] == ("a", b"a")
 
 
-def test_an_equal_row_may_stop_right_after_a_sentence_end():
-    """scorer._plan_candidates: in a decode step, equal rows whose input token (the output's
-    last) ends a sentence get their stop token as one more candidate even when truncation
-    dropped it; other rows (not after a sentence end, at_least) do not; candidates carry
-    `closes`. With the rule off (no table) nothing changes."""
+def test_equal_and_past_target_at_least_rows_may_stop_right_after_a_sentence_end():
+    """scorer._plan_candidates: in a decode step, equal rows and at_least rows past their
+    target whose input token (the output's last) ends a sentence get their stop token as one
+    more candidate even when truncation dropped it; other rows (not after a sentence end,
+    at_least before its target) do not; candidates carry `closes`. With the rule off (no
+    table) nothing changes."""
     from sglang_lenvm.runtime import scorer
     from sglang_lenvm.schema import MODE_AT_LEAST, MODE_EQUAL
 
     V, EOS, DOT = 12, 0, 5
-    B = 3
+    B = 5
     logits = torch.zeros(B, V)
     logits[:, EOS] = -12.0  # outside a top-4 candidate set, probability > 0
     logits[:, DOT] = 1.0
     table = torch.zeros(V, dtype=torch.bool)
     table[DOT] = True
-    mode = torch.tensor([MODE_EQUAL, MODE_EQUAL, MODE_AT_LEAST])
+    # rows: equal after a full stop, equal mid-sentence, at_least before its target after a
+    # full stop, at_least past it after one (6 generated, target 7: this token is the 7th) and
+    # past it mid-sentence
+    mode = torch.tensor([MODE_EQUAL, MODE_EQUAL, MODE_AT_LEAST, MODE_AT_LEAST, MODE_AT_LEAST])
     st = types.SimpleNamespace(
-        mode=mode, target=torch.tensor([20, 20, 20]), prompt_len=torch.tensor([4, 4, 4]),
-        stop_ids=torch.tensor([[EOS, -1]] * B), top_k=torch.tensor([4, 4, 4]),
-        equal_stop_seq_len=torch.tensor([99, 99, 2**40]))
+        mode=mode, target=torch.tensor([20, 20, 20, 7, 7]), prompt_len=torch.tensor([4] * B),
+        stop_ids=torch.tensor([[EOS, -1]] * B), top_k=torch.tensor([4] * B),
+        equal_stop_seq_len=torch.tensor([99, 99, 2**40, 2**40, 2**40]))
     state = types.SimpleNamespace(modes=mode.tolist(), steer=[True] * B, num_candidates=4,
-                                  equal_stop_seq_len_cpu=torch.tensor([99, 99, 2**40]))
+                                  equal_stop_seq_len_cpu=st.equal_stop_seq_len)
     decode = types.SimpleNamespace(is_decode=lambda: True)
-    fb = types.SimpleNamespace(forward_mode=decode, input_ids=torch.tensor([DOT, 7, DOT]),
-                               seq_lens_cpu=torch.tensor([10, 10, 10]))
+    fb = types.SimpleNamespace(forward_mode=decode, input_ids=torch.tensor([DOT, 7, DOT, DOT, 7]),
+                               seq_lens_cpu=torch.tensor([10] * B))
     sampling = types.SimpleNamespace(top_ps=torch.ones(B), min_ps=torch.zeros(B))
 
     def plan(ends):
@@ -98,10 +102,10 @@ def test_an_equal_row_may_stop_right_after_a_sentence_end():
     cand, must = plan(table)
     assert must is None  # no row near its overshoot limit
     assert (cand.ids[:, -1] == EOS).all()
-    assert cand.valid[:, -1].tolist() == [True, False, False]
+    assert cand.valid[:, -1].tolist() == [True, False, False, True, False]
     assert cand.base_prob[0, -1] > 0
     # tokens: whether they end a sentence; stop slots: whether the output's last token did
-    ended = torch.tensor([True, False, True]).view(-1, 1)
+    ended = torch.tensor([True, False, True, True, False]).view(-1, 1)
     assert torch.equal(cand.closes, torch.where(cand.ids == EOS, ended, cand.ids == DOT))
     off, _ = plan(None)
     assert off.closes is None and EOS not in off.ids[off.valid].tolist()

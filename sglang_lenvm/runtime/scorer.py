@@ -248,8 +248,12 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
     equal_near = MODE_EQUAL in host_modes and _equal_stop_near(state, forward_batch, rows)
     # An equal output may stop right after a sentence end (its stop token, however unlikely
     # the truncation found it, competes on length: decide() counts that end as 1 token away).
-    after_end = (MODE_EQUAL in host_modes and worker.sentence_ends is not None
-                 and forward_batch.forward_mode.is_decode())
+    # So may an at_least output past its target: the base model that was kept from stopping
+    # rarely puts its stop token in the top-k of a text it could go on with, and without it
+    # the output rambled on to 2-4x its target (README, "The repetition guard"); with it,
+    # decide()'s end pull weighs stopping against going on.
+    after_end = ((MODE_EQUAL in host_modes or MODE_AT_LEAST in host_modes)
+                 and worker.sentence_ends is not None and forward_batch.forward_mode.is_decode())
     ended = None  # [B] the output's last token (this decode step's input) ended a sentence
     if worker.sentence_ends is not None and forward_batch.forward_mode.is_decode():
         ended = _sentence_end_of(worker, forward_batch.input_ids[index].clamp_min(0))
@@ -259,7 +263,8 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
             must_stop = (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
             stop_rows |= must_stop
         if after_end:
-            stop_rows |= (st.mode == MODE_EQUAL) & steer & ended
+            past_target = (st.mode == MODE_AT_LEAST) & (seq_lens - st.prompt_len + 1 >= st.target)
+            stop_rows |= ((st.mode == MODE_EQUAL) | past_target) & steer & ended
         cand = _with_stop_candidate(cand, probs_of, st.stop_ids, stop_rows)
     if worker.sentence_ends is not None:
         # Tokens: they end a sentence. Stop slots: the text before them did (decode only: in
