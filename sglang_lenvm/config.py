@@ -57,7 +57,8 @@ DEFAULT_REPEAT_LIMIT = 2
 # equal output may stop right after one (runtime/sentence_end.py); "off": the LenVM's lengths
 # only. On: with it, equal outputs cut at the overshoot limit fell from 29 to 10 of 108 and the
 # NLL gap from +0.22 to +0.20, at the same length score within noise (README, "Where the text
-# ends").
+# ends"). An at_least output past its target may stop after one too: repetitive outputs 8 -> 2
+# of 108 (README, "The repetition guard").
 SENTENCE_ENDS = ("on", "off")
 DEFAULT_SENTENCE_END = "on"
 # Tokens one star forward may hold (roots + candidates): a step with more splits its rows into

@@ -100,7 +100,8 @@ def _our_parser() -> argparse.ArgumentParser:
                         "a guided output")
     g.add_argument("--lenvm-sentence-end", choices=SENTENCE_ENDS, default=DEFAULT_SENTENCE_END,
                    help="equal and at_most: a candidate that ends a sentence counts as at most "
-                        "1 token from the end, and an equal output may stop right after one, "
+                        "1 token from the end, and an equal output (or an at_least one past "
+                        "its target) may stop right after one, "
                         "so outputs end at sentence ends near their target ('off': the "
                         "LenVM's predicted lengths only)")
     g.add_argument("--lenvm-max-star-tokens", type=int, default=DEFAULT_MAX_STAR_TOKENS,
