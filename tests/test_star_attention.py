@@ -76,3 +76,48 @@ def test_stale_nan_slots_past_a_prefix_do_not_leak():
     assert torch.isfinite(out).all()
     want = naive(q, k, v, kc, vc, req_to_token, meta, 0.3)
     assert torch.allclose(out.double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("has_root", [True, False])
+@pytest.mark.parametrize("K,hq,hkv", [(1, 4, 4), (5, 4, 2), (15, 8, 1)])
+def test_packed_rows_match_the_reference(has_root, K, hq, hkv):
+    """star_attention_rows (the CPU backend's path) on a packed subset of the trees: each
+    computed token's output equals the naive per-query attention over the same keys, and a
+    broken (NaN) candidate stays its own."""
+    from sglang_lenvm.runtime.star_attention import star_attention_rows
+
+    torch.manual_seed(2)
+    d, slots_total, B = 16, 200, 4
+    prefix = torch.tensor([0, 7, 31, 3]) if not has_root else torch.tensor([1, 7, 31, 3])
+    T = K + int(has_root)
+    req_to_token = torch.zeros(8, 64, dtype=torch.int32)
+    perm = torch.randperm(slots_total)
+    for b in range(B):
+        req_to_token[b + 2, :40] = perm[b * 40:(b + 1) * 40].int()
+    # every root, a ragged set of candidate slots per row, row 2 with no candidate at all
+    keep = torch.rand(B, T) < 0.6
+    if has_root:
+        keep[:, 0] = True
+    keep[2, int(has_root):] = False
+    keep[1, -1] = True
+    packed = keep.view(-1).nonzero().view(-1)
+    meta = StarMeta(req_pool_indices=torch.arange(B) + 2, prefix_lens=prefix,
+                    max_prefix_len=int(prefix.max()), tree_size=T, has_root=has_root,
+                    root_slots=None, packed=packed)
+    q = torch.randn(B * T, hq, d)
+    k = torch.randn(B * T, hkv, d)
+    v = torch.randn(B * T, hkv, d)
+    q[packed[-1]] = float("nan")  # the last computed candidate is broken
+    kc = torch.randn(slots_total, hkv, d)
+    vc = torch.randn(slots_total, hkv, d)
+    scale = 1 / math.sqrt(d)
+    got = star_attention_rows(q[packed], k[packed], v[packed], kc, vc,
+                              meta.row_plan(req_to_token), scale)
+    want = naive(q, k, v, kc, vc, req_to_token, meta, scale)[packed]
+    assert got.shape == (packed.shape[0], hq, d)
+    assert torch.isnan(got[-1]).all()
+    assert torch.allclose(got[:-1].double(), want[:-1], atol=1e-5), \
+        (got[:-1].double() - want[:-1]).abs().max()
+    if has_root:
+        assert meta.row_plan(req_to_token).roots.tolist() == [
+            int((packed < b * T).sum()) for b in range(B)]
