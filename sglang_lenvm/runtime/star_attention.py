@@ -77,14 +77,11 @@ class StarMeta:
             counts = torch.bincount(row, minlength=B).tolist()
             prefix = self.prefix_lens.tolist()
             pool = self.req_pool_indices.tolist()
-            in_tree = (positions % T).tolist()
             rows, start = [], 0
             for b in range(B):
                 end = start + counts[b]
-                if end > start:
-                    rows.append((start, end, req_to_token[pool[b], :prefix[b]].long(),
-                                 self._row_mask(prefix[b], in_tree[start:end],
-                                                positions.device)))
+                if end > start and prefix[b] > 0:
+                    rows.append((start, end, req_to_token[pool[b], :prefix[b]].long()))
                 start = end
             first = torch.zeros(B, dtype=torch.long, device=positions.device)
             first[1:] = torch.cumsum(torch.tensor(counts[:-1]), 0)
@@ -98,21 +95,9 @@ class StarMeta:
         return self._row_plan[1]
 
 
-    def _row_mask(self, prefix: int, slots: list, device) -> torch.Tensor:
-        """[n, prefix + n] bool: what each of a row's n packed tokens (tree slots `slots`)
-        sees: the prefix, itself and, for a candidate of a tree with a root, the root."""
-        n = len(slots)
-        mask = torch.zeros((n, prefix + n), dtype=torch.bool, device=device)
-        mask[:, :prefix] = True
-        mask[torch.arange(n), prefix + torch.arange(n)] = True
-        if self.has_root and slots[0] == 0:
-            mask[:, prefix] = True
-        return mask
-
-
 @dataclasses.dataclass
 class RowPlan:
-    rows: list  # (start, end, prefix KV slots [P_b], mask [n_b, P_b + n_b]) per row with tokens
+    rows: list  # (start, end, prefix KV slots [P_b]) per row with packed tokens and a prefix
     root_of: torch.Tensor  # [N] packed index of each token's row root
     sees_root: torch.Tensor  # [N] bool: the token attends its row's root (candidates)
     roots: Optional[torch.Tensor]  # [B] packed index of each row's root (decode), or None
@@ -125,33 +110,37 @@ def star_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Each row's queries meet exactly its own prefix (no padding to the batch's longest prefix
     nor to the largest tree: with the plausibility floor most rows compute a few of their K
-    slots), in one fused attention call per row as SGLang's torch_native backend makes: keys
-    are the prefix and the row's own tokens, masked so that a candidate sees the prefix, the
-    root and itself.
+    slots), one matmul per row as SGLang's torch_native backend does; the root and self
+    terms are merged in by their log-sum-exp for all tokens at once.
     """
     N, hq, d = q.shape
-    qf, kf, vf = q.float(), k.float(), v.float()
-    # A masked key still enters the weights x values product (0 x NaN is NaN), so a broken
-    # token's keys and values are zeroed there, and its output (and, through the root, its
-    # row's) set to NaN as the reference gives it: a NaN stays in its own candidate.
-    ok = (torch.isfinite(qf).flatten(1).all(1) & torch.isfinite(kf).flatten(1).all(1)
-          & torch.isfinite(vf).flatten(1).all(1))
-    broken = None
-    if not bool(ok.all()):  # CPU: no device to wait for
-        kf = torch.where(ok.view(N, 1, 1), kf, 0.0)
-        vf = torch.where(ok.view(N, 1, 1), vf, 0.0)
-        broken = ~ok | (plan.sees_root & ~ok[plan.root_of])
-    out = q.new_empty((N, hq, v.shape[-1]), dtype=torch.float32)  # every token is in a row
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    for start, end, slots, mask in plan.rows:
-        keys = torch.cat([k_cache[slots].float(), kf[start:end]]).transpose(0, 1)
-        values = torch.cat([v_cache[slots].float(), vf[start:end]]).transpose(0, 1)
-        o = sdpa(qf[start:end].transpose(0, 1), keys, values, attn_mask=mask, scale=scale,
-                 enable_gqa=True)  # [Hq, n, Dv]
-        out[start:end] = o.transpose(0, 1)
-    if broken is not None:
-        out = torch.where(broken.view(N, 1, 1), float("nan"), out)
-    return out.to(q.dtype)
+    hkv, dv = k.shape[1], v.shape[-1]
+    G = hq // hkv
+    qf = q.view(N, hkv, G, d).float()
+    kf, vf = k.view(N, hkv, d).float(), v.view(N, hkv, dv).float()
+    o = q.new_zeros((N, hkv, G, dv), dtype=torch.float32)  # unnormalised prefix output
+    m = q.new_full((N, hkv, G), float("-inf"), dtype=torch.float32)  # its running max
+    den = q.new_zeros((N, hkv, G), dtype=torch.float32)  # and its sum of exp(s - m)
+    for start, end, slots in plan.rows:
+        n = end - start
+        qb = qf[start:end].permute(1, 0, 2, 3).reshape(hkv, n * G, d)
+        s = torch.bmm(qb, k_cache[slots].float().permute(1, 2, 0)) * scale  # [Hkv, nG, P]
+        mb = s.amax(-1, keepdim=True)
+        e = torch.exp(s - mb)
+        o[start:end] = torch.bmm(e, v_cache[slots].float().transpose(0, 1)).view(
+            hkv, n, G, dv).transpose(0, 1)
+        m[start:end] = mb.view(hkv, n, G).transpose(0, 1)
+        den[start:end] = e.sum(-1).view(hkv, n, G).transpose(0, 1)
+    s_self = (qf * kf.unsqueeze(2)).sum(-1) * scale  # [N, Hkv, G]
+    s_root = (qf * kf[plan.root_of].unsqueeze(2)).sum(-1) * scale
+    s_root = torch.where(plan.sees_root.view(N, 1, 1), s_root, float("-inf"))
+    top = torch.maximum(torch.maximum(m, s_root), s_self)
+    w_pre = torch.exp(m - top)  # 0 where there is no prefix (m = -inf)
+    w_root, w_self = torch.exp(s_root - top), torch.exp(s_self - top)
+    out = (o * w_pre.unsqueeze(-1) + w_root.unsqueeze(-1) * vf[plan.root_of].unsqueeze(2)
+           + w_self.unsqueeze(-1) * vf.unsqueeze(2))
+    out = out / (den * w_pre + w_root + w_self).unsqueeze(-1)
+    return out.reshape(N, hq, dv).to(q.dtype)
 
 
 def star_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -42,7 +42,6 @@ ALLOWED = {
     "memo_tensor": "fills a per-batch memo: once per batch composition, not per step",
     "_valid_positions": "CPU path only; the GPU path packs by host-known counts instead",
     "row_plan": "CPU path only (star_attention_rows); the GPU path runs the Triton kernel",
-    "star_attention_rows": "CPU path only; the GPU path runs the Triton kernel",
 }
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])  # sglang_lenvm/
