@@ -37,7 +37,6 @@ class StarMeta:
     packed: Optional[torch.Tensor] = None
     # The plan every layer shares (made by the first layer that asks, once per forward).
     _plan: Optional[tuple] = dataclasses.field(default=None, repr=False)
-    _row_plan: Optional[tuple] = dataclasses.field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -63,84 +62,6 @@ class StarMeta:
             roots = torch.arange(B, device=device) * self.tree_size if self.has_root else None
             self._plan = (req_to_token, (idx, live, roots))
         return self._plan[1]
-
-
-    def row_plan(self, req_to_token: torch.Tensor) -> "RowPlan":
-        """The packed forward's rows for `star_attention_rows` (CPU path only: it reads the
-        packed positions and prefix lengths on the host; the GPU path runs the Triton kernel
-        on the [B, T] layout)."""
-        if self._row_plan is None or self._row_plan[0] is not req_to_token:
-            B, T = self.prefix_lens.shape[0], self.tree_size
-            positions = (self.packed if self.packed is not None
-                         else torch.arange(B * T, device=self.prefix_lens.device))
-            row = torch.div(positions, T, rounding_mode="floor")
-            counts = torch.bincount(row, minlength=B).tolist()
-            prefix = self.prefix_lens.tolist()
-            pool = self.req_pool_indices.tolist()
-            rows, start = [], 0
-            for b in range(B):
-                end = start + counts[b]
-                if end > start and prefix[b] > 0:
-                    rows.append((start, end, req_to_token[pool[b], :prefix[b]].long()))
-                start = end
-            first = torch.zeros(B, dtype=torch.long, device=positions.device)
-            first[1:] = torch.cumsum(torch.tensor(counts[:-1]), 0)
-            # A candidate sees its row's root, the row's first packed token (decode trees
-            # always compute their roots); the root itself does not (its own key is its self
-            # term), nor does any token of a tree without a root.
-            root_of = first[row]
-            sees_root = (positions % T != 0) if self.has_root else torch.zeros_like(row, dtype=torch.bool)
-            roots = first if self.has_root else None
-            self._row_plan = (req_to_token, RowPlan(rows, root_of, sees_root, roots))
-        return self._row_plan[1]
-
-
-@dataclasses.dataclass
-class RowPlan:
-    rows: list  # (start, end, prefix KV slots [P_b]) per row with packed tokens and a prefix
-    root_of: torch.Tensor  # [N] packed index of each token's row root
-    sees_root: torch.Tensor  # [N] bool: the token attends its row's root (candidates)
-    roots: Optional[torch.Tensor]  # [B] packed index of each row's root (decode), or None
-
-
-def star_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, plan: RowPlan,
-                        scale: float) -> torch.Tensor:
-    """`star_attention_torch` on the packed tokens only (CPU): q [N, Hq, D], k/v [N, Hkv, D].
-
-    Each row's queries meet exactly its own prefix (no padding to the batch's longest prefix
-    nor to the largest tree: with the plausibility floor most rows compute a few of their K
-    slots), one matmul per row as SGLang's torch_native backend does; the root and self
-    terms are merged in by their log-sum-exp for all tokens at once.
-    """
-    N, hq, d = q.shape
-    hkv, dv = k.shape[1], v.shape[-1]
-    G = hq // hkv
-    qf = q.view(N, hkv, G, d).float()
-    kf, vf = k.view(N, hkv, d).float(), v.view(N, hkv, dv).float()
-    o = q.new_zeros((N, hkv, G, dv), dtype=torch.float32)  # unnormalised prefix output
-    m = q.new_full((N, hkv, G), float("-inf"), dtype=torch.float32)  # its running max
-    den = q.new_zeros((N, hkv, G), dtype=torch.float32)  # and its sum of exp(s - m)
-    for start, end, slots in plan.rows:
-        n = end - start
-        qb = qf[start:end].permute(1, 0, 2, 3).reshape(hkv, n * G, d)
-        s = torch.bmm(qb, k_cache[slots].float().permute(1, 2, 0)) * scale  # [Hkv, nG, P]
-        mb = s.amax(-1, keepdim=True)
-        e = torch.exp(s - mb)
-        o[start:end] = torch.bmm(e, v_cache[slots].float().transpose(0, 1)).view(
-            hkv, n, G, dv).transpose(0, 1)
-        m[start:end] = mb.view(hkv, n, G).transpose(0, 1)
-        den[start:end] = e.sum(-1).view(hkv, n, G).transpose(0, 1)
-    s_self = (qf * kf.unsqueeze(2)).sum(-1) * scale  # [N, Hkv, G]
-    s_root = (qf * kf[plan.root_of].unsqueeze(2)).sum(-1) * scale
-    s_root = torch.where(plan.sees_root.view(N, 1, 1), s_root, float("-inf"))
-    top = torch.maximum(torch.maximum(m, s_root), s_self)
-    w_pre = torch.exp(m - top)  # 0 where there is no prefix (m = -inf)
-    w_root, w_self = torch.exp(s_root - top), torch.exp(s_self - top)
-    out = (o * w_pre.unsqueeze(-1) + w_root.unsqueeze(-1) * vf[plan.root_of].unsqueeze(2)
-           + w_self.unsqueeze(-1) * vf.unsqueeze(2))
-    out = out / (den * w_pre + w_root + w_self).unsqueeze(-1)
-    return out.reshape(N, hq, dv).to(q.dtype)
 
 
 def star_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -201,8 +122,6 @@ class StarAttentionBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         meta = self.meta
-        if self.kernel is None:
-            return self._forward_rows(q, k, v, layer)
         # Packed trees: zeros at the positions not computed (finite, so no NaN can reach a
         # computed query; their outputs are dropped).
         k = meta.unpack(k.view(-1, layer.tp_k_head_num, layer.qk_head_dim))
@@ -221,17 +140,3 @@ class StarAttentionBackend(AttentionBackend):
         return o.reshape(o.shape[0], layer.tp_q_head_num * layer.v_head_dim)
 
     forward_decode = forward_extend
-
-    def _forward_rows(self, q, k, v, layer):
-        """CPU: the packed tokens only, row by row (`star_attention_rows`)."""
-        plan = self.meta.row_plan(self.req_to_token_pool.req_to_token)
-        k = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
-        v = v.view(-1, layer.tp_v_head_num, layer.v_head_dim)
-        if plan.roots is not None:
-            self.token_to_kv_pool.set_kv_buffer(
-                layer, KVWriteLoc(self.meta.root_slots, None), k[plan.roots], v[plan.roots])
-        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        o = star_attention_rows(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), k, v,
-                                k_cache, v_cache, plan, layer.scaling)
-        return o.reshape(o.shape[0], layer.tp_q_head_num * layer.v_head_dim)

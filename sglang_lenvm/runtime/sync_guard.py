@@ -41,7 +41,6 @@ ALLOWED = {
     "_drop_unused_slots": "CPU path only; the GPU path keeps all K slots instead",
     "memo_tensor": "fills a per-batch memo: once per batch composition, not per step",
     "_valid_positions": "CPU path only; the GPU path packs by host-known counts instead",
-    "row_plan": "CPU path only (star_attention_rows); the GPU path runs the Triton kernel",
 }
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])  # sglang_lenvm/
