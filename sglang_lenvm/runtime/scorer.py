@@ -219,14 +219,15 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
     with the candidates that end a sentence marked (`Candidates.closes`, when that rule is
     on); and which rows must stop (equal past its overshoot limit; None: no row)."""
     host_modes = {state.modes[i] for i in rows if state.steer[i]}
+    generated = seq_lens - st.prompt_len  # tokens generated before this step's token
+    # at_least rows whose target this step's token reaches or passes (decide()'s `past`)
+    at_least_past = (st.mode == MODE_AT_LEAST) & (generated + 1 >= st.target)
     if MODE_AT_LEAST in host_modes:
         # SGLang's min_new_tokens (set at admission) already masks the stop tokens until the
         # target; this keeps the candidates right even if a request reached us without it.
-        generated = seq_lens - st.prompt_len
-        at_least_open = (st.mode == MODE_AT_LEAST) & (generated + 1 < st.target) & steer
+        at_least_open = (st.mode == MODE_AT_LEAST) & ~at_least_past & steer
         mask_stop_tokens(row_logits, st.stop_ids, at_least_open)
     if worker.config.repeat_ngram:
-        generated = seq_lens - st.prompt_len
         if forward_batch.forward_mode.is_decode():
             repeat_guard.record(state.recent, index, generated, forward_batch.input_ids[index])
         history = repeat_guard.ordered(state.recent[index], generated)
@@ -263,8 +264,7 @@ def _plan_candidates(worker, row_logits, temps, st, sampling_info, index, steer,
             must_stop = (st.mode == MODE_EQUAL) & steer & (seq_lens >= st.equal_stop_seq_len)
             stop_rows |= must_stop
         if after_end:
-            past_target = (st.mode == MODE_AT_LEAST) & (seq_lens - st.prompt_len + 1 >= st.target)
-            stop_rows |= ((st.mode == MODE_EQUAL) | past_target) & steer & ended
+            stop_rows |= ((st.mode == MODE_EQUAL) | at_least_past) & steer & ended
         cand = _with_stop_candidate(cand, probs_of, st.stop_ids, stop_rows)
     if worker.sentence_ends is not None:
         # Tokens: they end a sentence. Stop slots: the text before them did (decode only: in
