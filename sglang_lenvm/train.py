@@ -38,7 +38,7 @@ import torch
 from sglang_lenvm.training.checkpoint import base_files_dir, save_backbone_and_head
 from sglang_lenvm.training.data import load_examples, split_by_prompt
 from sglang_lenvm.training.loop import TrainConfig, constant_baseline_mre, train
-from sglang_lenvm.training.model import LenVMForTraining
+from sglang_lenvm.training.model import LenVMForTraining, layer_config_overrides
 from sglang_lenvm.summary_stats import percentile
 from sglang_lenvm.training.targets import default_gamma, token_targets
 
@@ -81,6 +81,9 @@ def parse_args(argv=None):
                         "one-sided loss), or keep them as if they had ended")
     p.add_argument("--include-truncated", action="store_const", const="as-ended",
                    dest="truncated", help="same as --truncated as-ended")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="keep only the first N decoder layers of the base (a shallower, cheaper "
+                        "LenVM: every scored token costs N layers); default: all")
     p.add_argument("--train-last-layers", type=int, default=None,
                    help="train only the last N layers (+ final norm + head); default: all")
     p.add_argument("--cache-frozen", action="store_true",
@@ -178,7 +181,8 @@ def main(argv=None) -> dict:
                 "gamma=%.6f; %s", len(train_ex), len(val_ex), percentile(lengths, 50),
                 percentile(lengths, 99), max(lengths), gamma, dataclasses.asdict(train_stats))
 
-    model = LenVMForTraining.from_base(args.base, args.train_last_layers)
+    model = LenVMForTraining.from_base(args.base, args.train_last_layers,
+                                       num_layers=args.num_layers)
     # The head starts at the training data's mean value (see ValueHead.init_output).
     mean_p = float(torch.cat([-token_targets(L, gamma) for L in lengths]).mean())
     model.v_head.init_output(mean_p)
@@ -207,7 +211,9 @@ def main(argv=None) -> dict:
         save_dtype = _DTYPES[args.save_dtype]
     model.to("cpu")
     save_backbone_and_head(args.output, model.backbone_state_dict(), model.head_state_dict(),
-                           config_src=base_dir, gamma=gamma, dtype=save_dtype)
+                           config_src=base_dir, gamma=gamma, dtype=save_dtype,
+                           extra_config=layer_config_overrides(model.backbone.config,
+                                                               len(model.backbone.layers)))
     summary = {
         "base": args.base, "gamma": gamma, "device": device, "bf16": bf16,
         "train_completions": len(train_ex), "val_completions": len(val_ex),
@@ -217,6 +223,7 @@ def main(argv=None) -> dict:
         "train_data": dataclasses.asdict(train_stats),
         "val_data": dataclasses.asdict(val_stats) if val_stats else None,
         "length_p50": percentile(lengths, 50), "length_p99": percentile(lengths, 99),
+        "num_layers": len(model.backbone.layers),
         "train_last_layers": args.train_last_layers, "trained_parameters": n_train,
         "config": dataclasses.asdict(cfg), "history": history,
         "constant_baseline_mre": baseline, "seconds": round(time.time() - t_start, 1),

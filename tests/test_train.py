@@ -238,3 +238,46 @@ def test_short_run_lowers_loss_and_saves_published_layout(tiny_base, tmp_path):
     check_same_tokenizer(str(tiny_base), str(out))
     meta = json.loads((tmp_path / "part.json").read_text())
     assert meta["split_layer"] == 2 and "v_head.summary.bias" in meta["tensors"]
+
+
+def test_num_layers_keeps_the_first_layers_and_saves_a_shallow_checkpoint(tiny_base, tmp_path):
+    """--num-layers 2 of a 3-layer base: the training model is the base's first 2 layers
+    (against transformers' own 2-layer load of the base), and the saved checkpoint says
+    2 layers and reloads to the same values."""
+    from transformers import AutoModel
+
+    from sglang_lenvm import train as train_cli
+    from sglang_lenvm.checkpoint import inspect_checkpoint
+    from sglang_lenvm.training.model import LenVMForTraining
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (2, 9))
+    shallow = LenVMForTraining.from_base(str(tiny_base), train_last_layers=1, num_layers=2)
+    assert len(shallow.backbone.layers) == 2 and shallow.split == 1
+    ref = AutoModel.from_pretrained(str(tiny_base), num_hidden_layers=2).eval()
+    with torch.no_grad():
+        want = shallow.v_head(ref(ids).last_hidden_state)
+        assert torch.allclose(shallow(ids), want, atol=1e-5)
+    with pytest.raises(ValueError):
+        LenVMForTraining.from_base(str(tiny_base), num_layers=4)
+
+    lines = [json.dumps({**_record(f"p{p}", 3 + p % 5), "sample_index": 0}) + "\n"
+             for p in range(8)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(lines))
+    out = tmp_path / "lenvm"
+    summary = train_cli.main(["--base", str(tiny_base), "--data", str(data), "--output",
+                              str(out), "--epochs", "1", "--batch-size", "4", "--grad-accum",
+                              "1", "--num-layers", "2", "--train-last-layers", "1",
+                              "--cache-frozen", "--val-fraction", "0.25", "--no-progress"])
+    assert summary["num_layers"] == 2
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and inspect_checkpoint(str(out)).gamma == \
+        pytest.approx(summary["gamma"])
+    saved = AutoModel.from_pretrained(str(out)).eval()
+    assert len(saved.layers) == 2
+    # The frozen layer is the base's own; the trained one moved.
+    base = AutoModel.from_pretrained(str(tiny_base))
+    w = "mlp.up_proj.weight"
+    assert torch.equal(saved.layers[0].get_parameter(w), base.layers[0].get_parameter(w))
+    assert not torch.equal(saved.layers[1].get_parameter(w), base.layers[1].get_parameter(w))

@@ -3,6 +3,9 @@
 The value head (value_head.py) is the one the server runs, under the published layout's names
 (`v_head.fc`, `v_head.summary`).
 
+`num_layers` keeps only the first N decoder layers of the base (a shallower LenVM: each
+scored token then costs N layers instead of all of them; issue #17's second lever).
+
 The backbone can be split at layer k: layers below k frozen, layers k.. (and the final norm)
 trained. The frozen part's output for a sequence never changes, so it can be computed once
 and cached (`frozen_states`), which on a CPU makes each epoch cost only the trained layers.
@@ -19,6 +22,25 @@ from torch import nn
 from sglang_lenvm.value_head import ValueHead
 
 logger = logging.getLogger(__name__)
+
+
+def truncate_layers(backbone: nn.Module, num_layers: int) -> None:
+    """Keep the first `num_layers` decoder layers (and the config that describes them)."""
+    total = len(backbone.layers)
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers must be in [1, {total}], got {num_layers}")
+    backbone.layers = nn.ModuleList(list(backbone.layers)[:num_layers])
+    for k, v in layer_config_overrides(backbone.config, num_layers).items():
+        setattr(backbone.config, k, v)
+
+
+def layer_config_overrides(config, num_layers: int) -> dict:
+    """config.json entries that change when only the first `num_layers` layers are kept."""
+    out = {"num_hidden_layers": num_layers}
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):  # per-layer attention kinds (e.g. Qwen2)
+        out["layer_types"] = list(layer_types)[:num_layers]
+    return out
 
 
 class LenVMForTraining(nn.Module):
@@ -41,13 +63,16 @@ class LenVMForTraining(nn.Module):
 
     @classmethod
     def from_base(cls, base_path: str, train_last_layers: Optional[int] = None,
-                  dtype: torch.dtype = torch.float32) -> "LenVMForTraining":
+                  dtype: torch.dtype = torch.float32,
+                  num_layers: Optional[int] = None) -> "LenVMForTraining":
         from transformers import AutoModel
 
         # AutoModel on a causal-LM checkpoint gives the bare backbone (no LM head, which a
         # LenVM does not need and which is large for big vocabularies). sdpa attention: with
         # no padding mask it runs causally.
         backbone = AutoModel.from_pretrained(base_path, dtype=dtype, attn_implementation="sdpa")
+        if num_layers is not None:
+            truncate_layers(backbone, num_layers)
         return cls(backbone, train_last_layers)
 
     @property
