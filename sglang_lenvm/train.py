@@ -181,8 +181,11 @@ def main(argv=None) -> dict:
                 "gamma=%.6f; %s", len(train_ex), len(val_ex), percentile(lengths, 50),
                 percentile(lengths, 99), max(lengths), gamma, dataclasses.asdict(train_stats))
 
-    model = LenVMForTraining.from_base(args.base, args.train_last_layers,
-                                       num_layers=args.num_layers)
+    try:
+        model = LenVMForTraining.from_base(args.base, args.train_last_layers,
+                                           num_layers=args.num_layers)
+    except ValueError as e:  # --num-layers / --train-last-layers out of range
+        sys.exit(f"error: {e}")
     # The head starts at the training data's mean value (see ValueHead.init_output).
     mean_p = float(torch.cat([-token_targets(L, gamma) for L in lengths]).mean())
     model.v_head.init_output(mean_p)

@@ -265,6 +265,9 @@ def test_num_layers_keeps_the_first_layers_and_saves_a_shallow_checkpoint(tiny_b
              for p in range(8)]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(lines))
+    with pytest.raises(SystemExit, match="num_layers must be in"):  # the CLI: a clear error
+        train_cli.main(["--base", str(tiny_base), "--data", str(data), "--output",
+                        str(tmp_path / "x"), "--num-layers", "0", "--no-progress"])
     out = tmp_path / "lenvm"
     summary = train_cli.main(["--base", str(tiny_base), "--data", str(data), "--output",
                               str(out), "--epochs", "1", "--batch-size", "4", "--grad-accum",
