@@ -242,8 +242,9 @@ def test_short_run_lowers_loss_and_saves_published_layout(tiny_base, tmp_path):
 
 def test_num_layers_keeps_the_first_layers_and_saves_a_shallow_checkpoint(tiny_base, tmp_path):
     """--num-layers 2 of a 3-layer base: the training model is the base's first 2 layers
-    (against transformers' own 2-layer load of the base), and the saved checkpoint says
-    2 layers and reloads to the same values."""
+    (against transformers' own 2-layer load of the base), the CLI refuses an out-of-range
+    depth with a clear error, and the saved checkpoint says 2 layers, reloads with 2, keeps
+    the frozen layer as the base's and the trained one moved."""
     from transformers import AutoModel
 
     from sglang_lenvm import train as train_cli
