@@ -101,6 +101,13 @@ def parse_args(argv=None):
                    help="also write only the trained tensors (+ head) to this .safetensors "
                         "file, with a .json beside it (for shipping a small delta)")
     p.add_argument("--trained-part-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--teacher", default=None,
+                   help="a trained LenVM (same base tokenizer) whose values V(s_t) replace the "
+                        "sampled returns as training targets: distillation, e.g. into a "
+                        "shallower LenVM (training/distill.py); gamma is the teacher's. "
+                        "Validation still scores against the sampled returns")
+    p.add_argument("--teacher-cache", default=None,
+                   help="file keeping the teacher's values, reused for the same teacher and data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -175,8 +182,30 @@ def main(argv=None) -> dict:
         val_ex = subset
     lengths = [e.length for e in train_ex]
     gamma = args.gamma if args.gamma is not None else default_gamma(lengths)
+    if args.teacher:
+        from sglang_lenvm.checkpoint import LenVMCheckpointError, inspect_checkpoint
+
+        # The teacher's values are returns under its own gamma; a student with another gamma
+        # would learn a different quantity under the same name.
+        try:
+            teacher_gamma = inspect_checkpoint(args.teacher).gamma
+        except LenVMCheckpointError as e:
+            sys.exit(f"error: --teacher: {e}")
+        if teacher_gamma is None:
+            sys.exit(f"error: --teacher {args.teacher} records no lenvm_gamma")
+        if args.gamma is not None and abs(args.gamma - teacher_gamma) > 1e-9:
+            sys.exit(f"error: --gamma {args.gamma} differs from the teacher's {teacher_gamma}")
+        gamma = teacher_gamma
     if not 0 < gamma < 1:
         sys.exit(f"gamma must be in (0, 1), got {gamma}")
+    if args.teacher:
+        from sglang_lenvm.training.distill import attach_teacher
+
+        try:
+            attach_teacher(train_ex, args.teacher, cache=args.teacher_cache, device=device,
+                           progress=not args.no_progress)
+        except ValueError as e:  # the teacher's vocabulary does not cover the data
+            sys.exit(f"error: {e}")
     logger.info("data: %d train / %d val completions; lengths p50=%.0f p99=%.0f max=%d; "
                 "gamma=%.6f; %s", len(train_ex), len(val_ex), percentile(lengths, 50),
                 percentile(lengths, 99), max(lengths), gamma, dataclasses.asdict(train_stats))
@@ -187,7 +216,10 @@ def main(argv=None) -> dict:
     except ValueError as e:  # --num-layers / --train-last-layers out of range
         sys.exit(f"error: {e}")
     # The head starts at the training data's mean value (see ValueHead.init_output).
-    mean_p = float(torch.cat([-token_targets(L, gamma) for L in lengths]).mean())
+    if args.teacher:
+        mean_p = float(torch.cat([-e.teacher for e in train_ex]).mean())
+    else:
+        mean_p = float(torch.cat([-token_targets(L, gamma) for L in lengths]).mean())
     model.v_head.init_output(mean_p)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("model: %s, %d layers, training %s (%.1fM parameters)",
@@ -228,6 +260,7 @@ def main(argv=None) -> dict:
         "length_p50": percentile(lengths, 50), "length_p99": percentile(lengths, 99),
         "num_layers": len(model.backbone.layers),
         "train_last_layers": args.train_last_layers, "trained_parameters": n_train,
+        "teacher": args.teacher,
         "config": dataclasses.asdict(cfg), "history": history,
         "constant_baseline_mre": baseline, "seconds": round(time.time() - t_start, 1),
     }

@@ -285,3 +285,128 @@ def test_num_layers_keeps_the_first_layers_and_saves_a_shallow_checkpoint(tiny_b
     w = "mlp.up_proj.weight"
     assert torch.equal(saved.layers[0].get_parameter(w), base.layers[0].get_parameter(w))
     assert not torch.equal(saved.layers[1].get_parameter(w), base.layers[1].get_parameter(w))
+
+
+# ---- distillation from a teacher LenVM (--teacher) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tiny_base, tmp_path_factory):
+    """A 3-layer LenVM on the tiny base (its last layer, norm and head redrawn), gamma 0.95."""
+    from sglang_lenvm.testing import tiny_models as tm
+
+    out = tm.build_trunk_lenvm(tmp_path_factory.mktemp("teacher") / "lenvm", tiny_base)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["lenvm_gamma"] = 0.95
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def _teacher_reference(lenvm, ids: list[int]) -> torch.Tensor:
+    """V = -sigmoid(z) over one unpadded sequence, by transformers + the checkpoint's head."""
+    from transformers import AutoModel
+
+    from sglang_lenvm.checkpoint import load_head_tensors
+    from sglang_lenvm.value_head import ValueHead
+
+    backbone = AutoModel.from_pretrained(str(lenvm)).eval()
+    head = ValueHead(backbone.config.hidden_size)
+    head.load_state_dict({k[len("v_head."):]: v for k, v in load_head_tensors(str(lenvm)).items()})
+    with torch.no_grad():
+        return -torch.sigmoid(head(backbone(torch.tensor([ids])).last_hidden_state)[0])
+
+
+def test_teacher_values_match_an_unpadded_transformers_forward(tiny_teacher):
+    from sglang_lenvm.training.distill import teacher_values
+
+    rng = random.Random(3)
+    exs = []
+    for p in range(5):  # different lengths, so the batch pads
+        prompt = [1] + [rng.randint(3, 100) for _ in range(2 + p)]
+        L = 2 + 3 * p
+        exs.append(Example(f"p{p}", prompt + [rng.randint(3, 100) for _ in range(L - 1)],
+                           len(prompt) - 1, L))
+    exs.append(Example("cut", exs[-1].input_ids[:-4], exs[-1].start, exs[-1].length))
+    got = teacher_values(exs, str(tiny_teacher), batch_size=4, progress=False)
+    for e, v in zip(exs, got):
+        ref = _teacher_reference(tiny_teacher, e.input_ids)[e.start: e.start + e.n_supervised]
+        assert v.shape == (e.n_supervised,) and torch.allclose(v, ref, atol=1e-5)
+    # collate puts them in as the targets, and a censored example is no longer one-sided
+    exs[0].teacher, exs[0].censored = got[0], True
+    b = collate([exs[0]], [0], 0.95)
+    s, n = exs[0].start, exs[0].n_supervised
+    assert torch.equal(b.targets[0, s: s + n], got[0]) and b.censored.sum() == 0
+    with pytest.raises(ValueError, match="vocabulary"):
+        teacher_values([Example("x", [1, 10 ** 6], 0, 2)], str(tiny_teacher), progress=False)
+
+
+def test_distilling_a_shallow_student_moves_it_toward_the_teacher(tiny_base, tiny_teacher,
+                                                                 tmp_path, monkeypatch):
+    """--teacher with --num-layers 2: gamma is the teacher's, the student's values end closer
+    to the teacher's than they start (on the training text), the teacher cache is reused for
+    the same data, and a conflicting --gamma or a missing teacher is a clear CLI error."""
+    from transformers import AutoModel
+
+    from sglang_lenvm import train as train_cli
+    from sglang_lenvm.checkpoint import load_head_tensors
+    from sglang_lenvm.training import distill
+    from sglang_lenvm.training.model import LenVMForTraining
+    from sglang_lenvm.value_head import ValueHead
+
+    rng = random.Random(5)
+    recs = []
+    for p in range(12):
+        prompt = [1, rng.randint(3, 100), rng.randint(3, 100)]
+        L = rng.randint(4, 14)
+        rec = _record(f"p{p}", L, truncated=p % 4 == 0, prompt=prompt)
+        rec["completion_token_ids"] = [rng.randint(3, 100) for _ in range(L)]
+        recs.append(json.dumps(rec) + "\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(recs))
+    exs = load_examples([str(data)], truncated="censored")[0]
+    want = [_teacher_reference(tiny_teacher, e.input_ids)[e.start: e.start + e.n_supervised]
+            for e in exs]
+
+    def gap(model_fn):
+        return float(torch.cat([(model_fn(e)[e.start: e.start + e.n_supervised] - w).abs()
+                                for e, w in zip(exs, want)]).mean())
+
+    start = LenVMForTraining.from_base(str(tiny_base), num_layers=2)
+    start.v_head.init_output(float(torch.cat([-w for w in want]).mean()))
+    with torch.no_grad():
+        before = gap(lambda e: -torch.sigmoid(start(torch.tensor([e.input_ids]))[0]))
+
+    args = ["--base", str(tiny_base), "--data", str(data), "--num-layers", "2",
+            "--train-last-layers", "1", "--cache-frozen", "--truncated", "censored",
+            "--teacher", str(tiny_teacher), "--teacher-cache", str(tmp_path / "t.pt"),
+            "--epochs", "20", "--batch-size", "4", "--grad-accum", "1", "--lr", "3e-3",
+            "--head-lr", "3e-3", "--val-fraction", "0.25", "--no-progress"]
+    out = tmp_path / "student"
+    summary = train_cli.main(args + ["--output", str(out)])
+    assert summary["gamma"] == pytest.approx(0.95) and summary["teacher"] == str(tiny_teacher)
+    assert (tmp_path / "t.pt").is_file()
+    backbone = AutoModel.from_pretrained(str(out)).eval()
+    head = ValueHead(backbone.config.hidden_size)
+    head.load_state_dict({k[len("v_head."):]: v for k, v in load_head_tensors(str(out)).items()})
+    with torch.no_grad():
+        after = gap(lambda e: -torch.sigmoid(head(backbone(torch.tensor([e.input_ids]))
+                                                  .last_hidden_state)[0]))
+    assert after < 0.5 * before, (before, after)
+
+    # The cache holds the teacher's values of the training split (the reference above), and a
+    # second run on the same data reads it instead of running the teacher.
+    saved = torch.load(tmp_path / "t.pt")["values"]
+    train_ex, _ = split_by_prompt(exs, 0.25, 0)
+    assert len(saved) == summary["train_completions"] == len(train_ex)
+    for e, v in zip(train_ex, saved):
+        assert torch.allclose(v, want[exs.index(e)], atol=1e-5)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher ran although its values were cached")
+
+    monkeypatch.setattr(distill, "teacher_values", no_teacher)
+    train_cli.main(args + ["--output", str(tmp_path / "again"), "--epochs", "1"])
+    with pytest.raises(SystemExit, match="differs from the teacher"):
+        train_cli.main(args + ["--output", str(tmp_path / "x"), "--gamma", "0.9"])
+    with pytest.raises(SystemExit, match="--teacher"):
+        train_cli.main([a if a != str(tiny_teacher) else str(tmp_path / "none") for a in args]
+                       + ["--output", str(tmp_path / "y")])

@@ -28,6 +28,9 @@ class Example:
     # Cut by max_tokens and kept as censored: L is only a lower bound on the true length, so
     # every G_t is an upper bound on the true return (see targets.squared_error_sum).
     censored: bool = False
+    # V(s_t) of a teacher LenVM for the supervised states (training/distill.py): when set it
+    # is the target instead of the Monte Carlo return, and nothing is censored.
+    teacher: Optional[torch.Tensor] = None
 
     @property
     def n_supervised(self) -> int:
@@ -163,9 +166,12 @@ def collate(examples: Sequence[Example], indices: Sequence[int], gamma: float,
     for i, e in enumerate(examples):
         input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         n = e.n_supervised
-        targets[i, e.start: e.start + n] = token_targets(e.length, gamma)[:n]
+        if e.teacher is not None:
+            targets[i, e.start: e.start + n] = e.teacher[:n]
+        else:
+            targets[i, e.start: e.start + n] = token_targets(e.length, gamma)[:n]
         mask[i, e.start: e.start + n] = 1.0
-        if e.censored:
+        if e.censored and e.teacher is None:
             censored[i, e.start: e.start + n] = 1.0
     return Batch(input_ids, targets, mask, censored, torch.tensor([e.start for e in examples]),
                  list(indices))
