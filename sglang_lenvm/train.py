@@ -182,6 +182,8 @@ def main(argv=None) -> dict:
         val_ex = subset
     lengths = [e.length for e in train_ex]
     gamma = args.gamma if args.gamma is not None else default_gamma(lengths)
+    if args.teacher_cache and not args.teacher:
+        sys.exit("error: --teacher-cache needs --teacher")
     if args.teacher:
         from sglang_lenvm.checkpoint import LenVMCheckpointError, inspect_checkpoint
 

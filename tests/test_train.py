@@ -405,6 +405,9 @@ def test_distilling_a_shallow_student_moves_it_toward_the_teacher(tiny_base, tin
 
     monkeypatch.setattr(distill, "teacher_values", no_teacher)
     train_cli.main(args + ["--output", str(tmp_path / "again"), "--epochs", "1"])
+    with pytest.raises(SystemExit, match="--teacher-cache needs --teacher"):
+        train_cli.main([a for a in args if a not in ("--teacher", str(tiny_teacher))]
+                       + ["--output", str(tmp_path / "z")])
     with pytest.raises(SystemExit, match="differs from the teacher"):
         train_cli.main(args + ["--output", str(tmp_path / "x"), "--gamma", "0.9"])
     with pytest.raises(SystemExit, match="--teacher"):
