@@ -301,18 +301,15 @@ def tiny_teacher(tiny_base, tmp_path_factory):
     return out
 
 
-def _teacher_reference(lenvm, ids: list[int]) -> torch.Tensor:
-    """V = -sigmoid(z) over one unpadded sequence, by transformers + the checkpoint's head."""
-    from transformers import AutoModel
+def _unpadded_values(lenvm, examples) -> list[torch.Tensor]:
+    """V = -sigmoid(z) at each example's supervised states, one unpadded transformers forward
+    per sequence (the checkpoint loaded once, by transformers, with its own head)."""
+    from sglang_lenvm.training.candidate_head import load_teacher
 
-    from sglang_lenvm.checkpoint import load_head_tensors
-    from sglang_lenvm.value_head import ValueHead
-
-    backbone = AutoModel.from_pretrained(str(lenvm)).eval()
-    head = ValueHead(backbone.config.hidden_size)
-    head.load_state_dict({k[len("v_head."):]: v for k, v in load_head_tensors(str(lenvm)).items()})
+    backbone, head = load_teacher(str(lenvm))
     with torch.no_grad():
-        return -torch.sigmoid(head(backbone(torch.tensor([ids])).last_hidden_state)[0])
+        return [-torch.sigmoid(head(backbone(torch.tensor([e.input_ids])).last_hidden_state)[0])
+                [e.start: e.start + e.n_supervised] for e in examples]
 
 
 def test_teacher_values_match_an_unpadded_transformers_forward(tiny_teacher):
@@ -327,8 +324,7 @@ def test_teacher_values_match_an_unpadded_transformers_forward(tiny_teacher):
                            len(prompt) - 1, L))
     exs.append(Example("cut", exs[-1].input_ids[:-4], exs[-1].start, exs[-1].length))
     got = teacher_values(exs, str(tiny_teacher), batch_size=4, progress=False)
-    for e, v in zip(exs, got):
-        ref = _teacher_reference(tiny_teacher, e.input_ids)[e.start: e.start + e.n_supervised]
+    for e, v, ref in zip(exs, got, _unpadded_values(tiny_teacher, exs)):
         assert v.shape == (e.n_supervised,) and torch.allclose(v, ref, atol=1e-5)
     # collate puts them in as the targets, and a censored example is no longer one-sided
     exs[0].teacher, exs[0].censored = got[0], True
@@ -344,13 +340,9 @@ def test_distilling_a_shallow_student_moves_it_toward_the_teacher(tiny_base, tin
     """--teacher with --num-layers 2: gamma is the teacher's, the student's values end closer
     to the teacher's than they start (on the training text), the teacher cache is reused for
     the same data, and a conflicting --gamma or a missing teacher is a clear CLI error."""
-    from transformers import AutoModel
-
     from sglang_lenvm import train as train_cli
-    from sglang_lenvm.checkpoint import load_head_tensors
     from sglang_lenvm.training import distill
     from sglang_lenvm.training.model import LenVMForTraining
-    from sglang_lenvm.value_head import ValueHead
 
     rng = random.Random(5)
     recs = []
@@ -363,17 +355,14 @@ def test_distilling_a_shallow_student_moves_it_toward_the_teacher(tiny_base, tin
     data = tmp_path / "d.jsonl"
     data.write_text("".join(recs))
     exs = load_examples([str(data)], truncated="censored")[0]
-    want = [_teacher_reference(tiny_teacher, e.input_ids)[e.start: e.start + e.n_supervised]
-            for e in exs]
-
-    def gap(model_fn):
-        return float(torch.cat([(model_fn(e)[e.start: e.start + e.n_supervised] - w).abs()
-                                for e, w in zip(exs, want)]).mean())
+    want = _unpadded_values(tiny_teacher, exs)
 
     start = LenVMForTraining.from_base(str(tiny_base), num_layers=2)
     start.v_head.init_output(float(torch.cat([-w for w in want]).mean()))
     with torch.no_grad():
-        before = gap(lambda e: -torch.sigmoid(start(torch.tensor([e.input_ids]))[0]))
+        before = float(torch.cat([
+            (-torch.sigmoid(start(torch.tensor([e.input_ids]))[0])
+             [e.start: e.start + e.n_supervised] - w).abs() for e, w in zip(exs, want)]).mean())
 
     args = ["--base", str(tiny_base), "--data", str(data), "--num-layers", "2",
             "--train-last-layers", "1", "--cache-frozen", "--truncated", "censored",
@@ -384,12 +373,8 @@ def test_distilling_a_shallow_student_moves_it_toward_the_teacher(tiny_base, tin
     summary = train_cli.main(args + ["--output", str(out)])
     assert summary["gamma"] == pytest.approx(0.95) and summary["teacher"] == str(tiny_teacher)
     assert (tmp_path / "t.pt").is_file()
-    backbone = AutoModel.from_pretrained(str(out)).eval()
-    head = ValueHead(backbone.config.hidden_size)
-    head.load_state_dict({k[len("v_head."):]: v for k, v in load_head_tensors(str(out)).items()})
-    with torch.no_grad():
-        after = gap(lambda e: -torch.sigmoid(head(backbone(torch.tensor([e.input_ids]))
-                                                  .last_hidden_state)[0]))
+    trained = _unpadded_values(out, exs)
+    after = float(torch.cat([(t - w).abs() for t, w in zip(trained, want)]).mean())
     assert after < 0.5 * before, (before, after)
 
     # The cache holds the teacher's values of the training split (the reference above), and a
