@@ -186,6 +186,7 @@ def main(argv=None) -> dict:
         sys.exit("error: --teacher-cache needs --teacher")
     if args.teacher:
         from sglang_lenvm.checkpoint import LenVMCheckpointError, inspect_checkpoint
+        from sglang_lenvm.training.distill import attach_teacher
 
         # The teacher's values are returns under its own gamma; a student with another gamma
         # would learn a different quantity under the same name.
@@ -197,17 +198,14 @@ def main(argv=None) -> dict:
             sys.exit(f"error: --teacher {args.teacher} records no lenvm_gamma")
         if args.gamma is not None and abs(args.gamma - teacher_gamma) > 1e-9:
             sys.exit(f"error: --gamma {args.gamma} differs from the teacher's {teacher_gamma}")
-        gamma = teacher_gamma
-    if not 0 < gamma < 1:
-        sys.exit(f"gamma must be in (0, 1), got {gamma}")
-    if args.teacher:
-        from sglang_lenvm.training.distill import attach_teacher
-
+        gamma = teacher_gamma  # inspect_checkpoint has checked it is in (0, 1)
         try:
             attach_teacher(train_ex, args.teacher, cache=args.teacher_cache, device=device,
                            progress=not args.no_progress)
         except ValueError as e:  # the teacher's vocabulary does not cover the data
             sys.exit(f"error: {e}")
+    if not 0 < gamma < 1:
+        sys.exit(f"gamma must be in (0, 1), got {gamma}")
     logger.info("data: %d train / %d val completions; lengths p50=%.0f p99=%.0f max=%d; "
                 "gamma=%.6f; %s", len(train_ex), len(val_ex), percentile(lengths, 50),
                 percentile(lengths, 99), max(lengths), gamma, dataclasses.asdict(train_stats))
