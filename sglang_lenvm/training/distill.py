@@ -13,6 +13,8 @@ need no censoring: every state in the text gets the teacher's value as its targe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -60,9 +62,12 @@ def teacher_values(examples: Sequence[Example], lenvm_path: str, *, batch_size: 
     return out  # type: ignore[return-value]
 
 
-def _fingerprint(examples: Sequence[Example]) -> list:
-    return [[e.prompt_id, len(e.input_ids), e.start, e.n_supervised, sum(e.input_ids)]
-            for e in examples]
+def _fingerprint(examples: Sequence[Example]) -> str:
+    """Identifies the token sequences and supervised spans the values belong to."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt_id, e.start, e.n_supervised, e.input_ids]).encode())
+    return h.hexdigest()
 
 
 def attach_teacher(examples: Sequence[Example], lenvm_path: str, *,
